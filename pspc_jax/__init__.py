@@ -1,0 +1,23 @@
+"""pspc_jax: exact, fast training-free patch-based diffusion denoisers (Niedoba et al., ICML 2025).
+
+Public API (all array functions are pure and `jax.jit`-compatible):
+
+  edm_sigmas, edm_preconditioning               EDM noise grid and network preconditioning
+  empirical_denoise                             optimal empirical denoiser (Eq. 6-7)
+  pspc_square_denoise, pspc_denoise             PSPC composites of square / arbitrary masks (Eq. 9-11)
+  gaussian_stats, gaussian_denoise              Gaussian (linear) denoiser
+  sample, latents_from_seeds, seed_keys         PF-ODE samplers (Euler / Heun / churn)
+  SigmaSchedule, cifar10_patch_schedule, ...    σ → patch size schedules
+  make_denoiser, register, available_denoisers  denoisers by name
+"""
+
+from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise, gaussian_stats
+from pspc_jax.denoisers.pspc import pspc_denoise, pspc_square_denoise
+from pspc_jax.denoisers.registry import available_denoisers, make_denoiser, register
+from pspc_jax.edm import edm_preconditioning, edm_sigmas
+from pspc_jax.sampling import Trajectory, latents_from_seeds, sample, seed_keys
+from pspc_jax.schedules import (SigmaSchedule, cifar10_patch_schedule, on_edm_grid,
+                                parse_patch_schedule, patch_schedule_for)
+
+__version__ = "0.1.0"

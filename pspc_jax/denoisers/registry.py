@@ -1,0 +1,76 @@
+"""Denoisers by name: `make_denoiser("pspc_square", data) -> denoise(z, sigma)`.
+
+Every builder takes the training set (N, H, W, C) (uint8 or float in [-1, 1]) and keyword options and
+returns a pure `denoise(z, sigma)` closure (z (B, H, W, C) float32, sigma scalar or (B,), mixed levels
+allowed) that can be passed to `jax.jit` and to `pspc_jax.sample`. Later modules add names with
+`@register("name")`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from pspc_jax import schedules
+from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.gaussian import gaussian_denoise, gaussian_stats
+from pspc_jax.denoisers.pspc import pspc_square_denoise
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+_BUILDERS: dict[str, Callable[..., Denoiser]] = {}
+
+
+def register(name: str):
+  """Decorator adding a builder `builder(data, **options) -> Denoiser` under `name`."""
+  def add(builder):
+    _BUILDERS[name] = builder
+    return builder
+  return add
+
+
+def available_denoisers() -> tuple[str, ...]:
+  return tuple(sorted(_BUILDERS))
+
+
+def make_denoiser(name: str, data, **options) -> Denoiser:
+  """Builds the denoiser registered as `name` over the training set `data`.
+
+  Raises:
+    ValueError: unknown name (the message lists the known ones) or bad options.
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown denoiser {name!r}; choose one of {', '.join(available_denoisers())}")
+  return _BUILDERS[name](data, **options)
+
+
+@register("empirical")
+def _empirical(data, *, chunk_size: int | None = None) -> Denoiser:
+  def denoise(z, sigma):
+    return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
+  return denoise
+
+
+@register("pspc_square")
+def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = "auto",
+                 chunk_size: int | None = None) -> Denoiser:
+  """`patch_schedule`: a SigmaSchedule, a fixed patch size, or a spec for `parse_patch_schedule`."""
+  side = min(data.shape[1], data.shape[2])
+  if isinstance(patch_schedule, (int, str)):
+    patch_schedule = schedules.parse_patch_schedule(str(patch_schedule), side)
+
+  def make_branch(patch_size):
+    def denoise(z, sigma):
+      return pspc_square_denoise(z, sigma, data, int(patch_size), chunk_size=chunk_size)
+    return denoise
+
+  return schedules.dispatch(patch_schedule, make_branch)
+
+
+@register("gaussian")
+def _gaussian(data, *, rank: int | None = None) -> Denoiser:
+  stats = gaussian_stats(data, rank=rank)
+
+  def denoise(z, sigma):
+    return gaussian_denoise(z, sigma, stats)
+  return denoise

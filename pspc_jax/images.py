@@ -1,0 +1,62 @@
+"""Array conventions shared by every module (DESIGN §1).
+
+Images are NHWC. Model-space images are float32 in [-1, 1]; datasets may be held as uint8 in [0, 255]
+and are converted chunk by chunk with :func:`to_model_range`, so a 100,000-image CIFAR-10 set costs
+300 MB of memory instead of 1.2 GB.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def to_model_range(x):
+  """Converts images to float32 in [-1, 1].
+
+  Args:
+    x: images of any shape; uint8 in [0, 255] (mapped by x / 127.5 - 1) or floating point already in
+      [-1, 1] (cast to float32).
+
+  Returns:
+    float32 array of the same shape.
+  """
+  if x.dtype == jnp.uint8:
+    return x.astype(jnp.float32) / 127.5 - 1.0
+  return x.astype(jnp.float32)
+
+
+def to_uint8(x) -> np.ndarray:
+  """Converts [-1, 1] float images to uint8 in [0, 255] (rounded, clipped), as a NumPy array."""
+  x = np.asarray(x, dtype=np.float32)
+  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def sigma_per_sample(sigma, batch_size: int):
+  """Broadcasts a noise level to one per sample.
+
+  Args:
+    sigma: a scalar or an array of shape (batch_size,); EDM's sigma (the paper's t).
+    batch_size: B.
+
+  Returns:
+    float32 array of shape (B,).
+  """
+  sigma = jnp.asarray(sigma, dtype=jnp.float32)
+  if sigma.ndim == 0:
+    return jnp.full((batch_size,), sigma)
+  if sigma.shape != (batch_size,):
+    raise ValueError(f"sigma must be a scalar or have shape ({batch_size},), got {sigma.shape}")
+  return sigma
+
+
+def check_query_and_data(z, data) -> None:
+  """Raises ValueError unless z is (B, H, W, C) and data is (N, H, W, C) with N >= 1."""
+  if z.ndim != 4:
+    raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
+  if data.ndim != 4:
+    raise ValueError(f"data must have shape (N, H, W, C), got {data.shape}")
+  if data.shape[0] == 0:
+    raise ValueError("the dataset is empty")
+  if z.shape[1:] != data.shape[1:]:
+    raise ValueError(f"z images {z.shape[1:]} and data images {data.shape[1:]} differ in shape")

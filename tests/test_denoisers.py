@@ -1,0 +1,150 @@
+"""Empirical and PSPC denoisers against float64 brute force and analytic limits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pspc_jax as pj
+from pspc_jax.denoisers.masks import SquareWindows
+from pspc_jax.denoisers.pspc import composite_denoise
+from reference import empirical_reference, pspc_reference, square_masks, to_float64
+
+SIGMAS = (0.002, 0.05, 1.0, 80.0)
+TOL = 1e-4
+
+
+def make_problem(height, width, channels, num, batch, sigma, seed=0, dtype=np.uint8):
+  """uint8 (or float) data and forward-process queries z = x + σ ε around training images."""
+  rng = np.random.default_rng(seed)
+  data = rng.integers(0, 256, (num, height, width, channels)).astype(np.uint8)
+  if dtype != np.uint8:
+    data = (data / 127.5 - 1.0).astype(dtype)
+  x = to_float64(data)[rng.integers(0, num, batch)]
+  sigmas = np.broadcast_to(np.asarray(sigma, np.float64), (batch,))
+  z = (x + sigmas[:, None, None, None] * rng.standard_normal(x.shape)).astype(np.float32)
+  return jnp.asarray(z), jnp.asarray(data)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("shape,patch_size", [((7, 5, 3), 1), ((7, 5, 3), 3), ((7, 5, 3), 4),
+                                              ((6, 6, 1), 2), ((6, 6, 1), 5), ((5, 9, 1), 3)])
+def test_pspc_square_matches_float64_per_mask_loop(sigma, shape, patch_size):
+  z, data = make_problem(*shape, num=41, batch=3, sigma=sigma)
+  expected = pspc_reference(z, sigma, data, square_masks(shape[0], shape[1], patch_size))
+  got = pj.pspc_square_denoise(z, sigma, data, patch_size, chunk_size=8)
+  np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_empirical_matches_float64_reference(sigma):
+  z, data = make_problem(6, 4, 3, num=53, batch=4, sigma=sigma)
+  got = pj.empirical_denoise(z, sigma, data, chunk_size=10)
+  np.testing.assert_allclose(got, empirical_reference(z, sigma, data), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_arbitrary_masks_match_float64_reference(sigma):
+  rng = np.random.default_rng(1)
+  masks = rng.random((9, 6, 5)) < 0.3
+  masks[0] = True  # guarantees coverage; the other masks are irregular and overlapping
+  masks[1] = False
+  masks[1, 2, :] = True  # a single row
+  z, data = make_problem(6, 5, 3, num=30, batch=3, sigma=sigma, seed=2)
+  got = pj.pspc_denoise(z, sigma, data, masks, chunk_size=7)
+  np.testing.assert_allclose(got, pspc_reference(z, sigma, data, list(masks)), atol=TOL, rtol=0)
+
+
+def test_float_data_gives_same_result_as_uint8():
+  z, data = make_problem(6, 6, 3, num=20, batch=2, sigma=0.3)
+  as_float = jnp.asarray(data, jnp.float32) / 127.5 - 1.0
+  np.testing.assert_allclose(pj.pspc_square_denoise(z, 0.3, data, 3),
+                             pj.pspc_square_denoise(z, 0.3, as_float, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_full_image_window_equals_empirical(sigma):
+  z, data = make_problem(6, 6, 3, num=25, batch=3, sigma=sigma)
+  generic = composite_denoise(z, sigma, data, SquareWindows(6, 6, 6), chunk_size=6)
+  np.testing.assert_allclose(generic, pj.empirical_denoise(z, sigma, data), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(pj.pspc_square_denoise(z, sigma, data, 6),
+                             pj.empirical_denoise(z, sigma, data), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("denoise", [
+    lambda z, s, d: pj.empirical_denoise(z, s, d),
+    lambda z, s, d: pj.pspc_square_denoise(z, s, d, 3),
+])
+def test_small_sigma_gives_nearest_training_patch(denoise):
+  """σ → 0: each patch posterior puts all weight on the nearest training patch (here, the image)."""
+  z, data = make_problem(6, 6, 3, num=30, batch=4, sigma=0.0)
+  z = z + 0.01 * jax.random.normal(jax.random.key(0), z.shape)
+  x = to_float64(data)
+  nearest = x[np.argmin(((np.asarray(z)[:, None] - x[None]) ** 2).sum(axis=(2, 3, 4)), axis=1)]
+  for sigma in (1e-4, 0.0):
+    np.testing.assert_allclose(denoise(z, sigma, data), nearest, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch_size", [2, 6])
+def test_large_sigma_gives_dataset_mean(patch_size):
+  z, data = make_problem(6, 6, 1, num=30, batch=2, sigma=1.0)
+  got = pj.pspc_square_denoise(z, 1e5, data, patch_size)
+  mean = to_float64(data).mean(axis=0)
+  np.testing.assert_allclose(got, np.broadcast_to(mean, got.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 29, 1000])
+def test_chunk_size_does_not_change_results(chunk_size):
+  z, data = make_problem(6, 6, 3, num=29, batch=3, sigma=0.05)
+  base = pj.pspc_square_denoise(z, 0.05, data, 3, chunk_size=29)
+  np.testing.assert_allclose(pj.pspc_square_denoise(z, 0.05, data, 3, chunk_size=chunk_size), base,
+                             atol=1e-6)
+  np.testing.assert_allclose(pj.empirical_denoise(z, 0.05, data, chunk_size=chunk_size),
+                             pj.empirical_denoise(z, 0.05, data, chunk_size=29), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["empirical", "pspc_square"])
+def test_mixed_sigma_batch_equals_per_sample_calls(name):
+  sigmas = np.array([80.0, 2.0, 0.5, 0.05, 0.002, 1.0], np.float32)
+  z, data = make_problem(8, 8, 1, num=40, batch=6, sigma=sigmas)
+  denoise = pj.make_denoiser(name, data)
+  mixed = jax.jit(denoise)(z, jnp.asarray(sigmas))
+  for b, sigma in enumerate(sigmas):
+    np.testing.assert_allclose(mixed[b], denoise(z[b:b + 1], float(sigma))[0], atol=1e-5)
+
+
+def test_scheduled_pspc_uses_each_samples_patch_size():
+  sigmas = np.array([80.0, 0.5, 0.002], np.float32)
+  z, data = make_problem(8, 8, 1, num=40, batch=3, sigma=sigmas)
+  schedule = pj.SigmaSchedule((80.0, 0.5, 0.002), (8, 5, 3))
+  got = pj.make_denoiser("pspc_square", data, patch_schedule=schedule)(z, jnp.asarray(sigmas))
+  for b, (sigma, size) in enumerate(zip(sigmas, (8, 5, 3))):
+    expected = pspc_reference(z[b:b + 1], sigma, data, square_masks(8, 8, size))
+    np.testing.assert_allclose(got[b:b + 1], expected, atol=TOL)
+
+
+def test_denoisers_are_jittable_with_traced_sigma():
+  z, data = make_problem(6, 6, 3, num=20, batch=2, sigma=0.5)
+  sigma = jnp.array([0.5, 0.7])
+  for fn in (lambda z, s: pj.pspc_square_denoise(z, s, data, 3),
+             lambda z, s: pj.empirical_denoise(z, s, data),
+             lambda z, s: pj.pspc_denoise(z, s, data, np.ones((1, 6, 6), bool))):
+    np.testing.assert_allclose(jax.jit(fn)(z, sigma), fn(z, sigma), atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+  z, data = make_problem(6, 6, 3, num=5, batch=2, sigma=0.5)
+  with pytest.raises(ValueError, match="patch size 7"):
+    pj.pspc_square_denoise(z, 0.5, data, 7)
+  with pytest.raises(ValueError, match="covered by no mask"):
+    masks = np.zeros((2, 6, 6), bool)
+    masks[:, :3] = True
+    pj.pspc_denoise(z, 0.5, data, masks)
+  with pytest.raises(ValueError, match="empty"):
+    pj.empirical_denoise(z, 0.5, data[:0])
+  with pytest.raises(ValueError, match="differ in shape"):
+    pj.pspc_square_denoise(z[..., :1], 0.5, data, 3)
+  with pytest.raises(ValueError, match="sigma must be a scalar or have shape"):
+    pj.empirical_denoise(z, jnp.ones(3), data)
+  with pytest.raises(ValueError, match="unknown denoiser 'nope'"):
+    pj.make_denoiser("nope", data)
