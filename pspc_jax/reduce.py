@@ -21,15 +21,16 @@ from jax import lax
 Carry = TypeVar("Carry")
 
 
-def fold_chunks(step: Callable[[Carry, jax.Array], Carry], init: Carry, data: jax.Array,
-                chunk_size: int) -> Carry:
+def fold_chunks(step: Callable[..., Carry], init: Carry, data: jax.Array, chunk_size: int, *,
+                with_offset: bool = False) -> Carry:
   """Folds `step` over consecutive chunks of `data` along axis 0.
 
   The full chunks go through one `lax.scan`; a final partial chunk (N mod chunk_size rows) is passed to
   `step` once with its own static shape, so nothing is padded or copied and no row is counted twice.
 
   Args:
-    step: `step(carry, chunk) -> carry`, chunk of shape (n, ...) with n ≤ chunk_size.
+    step: `step(carry, chunk) -> carry`, chunk of shape (n, ...) with n ≤ chunk_size; with
+      `with_offset`, `step(carry, chunk, offset)` where offset is the chunk's first row index (int32).
     init: initial carry (any pytree).
     data: array of shape (N, ...), N ≥ 1, in any dtype (converted by `step`).
     chunk_size: rows per chunk, ≥ 1.
@@ -41,12 +42,15 @@ def fold_chunks(step: Callable[[Carry, jax.Array], Carry], init: Carry, data: ja
   chunk_size = max(1, min(int(chunk_size), num_rows))
   num_full = num_rows // chunk_size
 
-  def body(carry, start):
-    return step(carry, lax.dynamic_slice_in_dim(data, start, chunk_size)), None
+  def call(carry, chunk, start):
+    return step(carry, chunk, start) if with_offset else step(carry, chunk)
 
-  carry, _ = lax.scan(body, init, jnp.arange(num_full) * chunk_size)
+  def body(carry, start):
+    return call(carry, lax.dynamic_slice_in_dim(data, start, chunk_size), start), None
+
+  carry, _ = lax.scan(body, init, jnp.arange(num_full, dtype=jnp.int32) * chunk_size)
   if num_full * chunk_size < num_rows:
-    carry = step(carry, data[num_full * chunk_size:])
+    carry = call(carry, data[num_full * chunk_size:], jnp.int32(num_full * chunk_size))
   return carry
 
 
