@@ -1,11 +1,14 @@
 """Empirical and PSPC denoisers against float64 brute force and analytic limits."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pspc_jax as pj
+from pspc_jax.data import load_dataset
 from pspc_jax.denoisers.masks import SquareWindows
 from pspc_jax.denoisers.pspc import composite_denoise
 from reference import empirical_reference, pspc_reference, square_masks, to_float64
@@ -148,3 +151,20 @@ def test_bad_inputs_raise_clear_errors():
     pj.empirical_denoise(z, jnp.ones(3), data)
   with pytest.raises(ValueError, match="unknown denoiser 'nope'"):
     pj.make_denoiser("nope", data)
+
+
+CIFAR_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                         "cifar10-train-32x32-jpeg.zip")
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR_ZIP), reason="shared CIFAR-10 zip not present")
+@pytest.mark.parametrize("sigma,patch_size", [(0.002, 3), (0.05, 5), (1.0, 15), (80.0, 23)])
+def test_pspc_square_on_real_cifar10_with_flips_matches_float64(sigma, patch_size):
+  """Real images with their mirrors: many exactly tied patches (symmetric or flat regions)."""
+  data = jnp.asarray(load_dataset(CIFAR_ZIP, flip=True, max_images=60).images)
+  rng = np.random.default_rng(3)
+  x = to_float64(data)[[5, 70]]
+  z = jnp.asarray((x + sigma * rng.standard_normal(x.shape)).astype(np.float32))
+  got = pj.pspc_square_denoise(z, sigma, data, patch_size)
+  expected = pspc_reference(z, sigma, data, square_masks(32, 32, patch_size))
+  np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
