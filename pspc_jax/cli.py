@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Callable
@@ -50,6 +51,8 @@ def parse_seeds(spec: str | None, count: int) -> list[int]:
 def run(main: Callable[[list[str]], None]) -> None:
   """absl `app.run` that reports bad input as one line on stderr (exit status 2), not a traceback."""
   def guarded(argv):
+    # JAX reports at INFO level each accelerator plugin it did not find; users need not see that.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
