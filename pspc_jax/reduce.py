@@ -12,7 +12,7 @@ divided by 8e-6).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,9 @@ Carry = TypeVar("Carry")
 
 
 def fold_chunks(step: Callable[..., Carry], init: Carry, data: jax.Array, chunk_size: int, *,
-                with_offset: bool = False) -> Carry:
-  """Folds `step` over consecutive chunks of `data` along axis 0.
+                with_offset: bool = False, prepare: Callable[[jax.Array], Any] | None = None,
+                start: int = 0) -> Carry:
+  """Folds `step` over consecutive chunks of `data[start:]` along axis 0.
 
   The full chunks go through one `lax.scan`; a final partial chunk (N mod chunk_size rows) is passed to
   `step` once with its own static shape, so nothing is padded or copied and no row is counted twice.
@@ -34,24 +35,83 @@ def fold_chunks(step: Callable[..., Carry], init: Carry, data: jax.Array, chunk_
     init: initial carry (any pytree).
     data: array of shape (N, ...), N ≥ 1, in any dtype (converted by `step`).
     chunk_size: rows per chunk, ≥ 1.
+    with_offset: pass each chunk's first row index to `step`.
+    prepare: optional `prepare(raw_chunk) -> prepared` (any pytree); `step` then receives the prepared
+      chunk instead of the raw rows. See `scan_chunks` for why this is more than a convenience.
+    start: first row folded (static); rows before it are skipped without copying `data`.
 
   Returns:
-    The final carry.
+    The final carry (`init` if start = N).
   """
   num_rows = data.shape[0]
-  chunk_size = max(1, min(int(chunk_size), num_rows))
-  num_full = num_rows // chunk_size
+  if not 0 <= start <= num_rows:
+    raise ValueError(f"start row {start} is outside [0, {num_rows}]")
+  chunk_size = max(1, min(int(chunk_size), max(1, num_rows - start)))
+  num_full = (num_rows - start) // chunk_size
+  prepare_fn = prepare if prepare is not None else (lambda chunk: chunk)
 
-  def call(carry, chunk, start):
-    return step(carry, chunk, start) if with_offset else step(carry, chunk)
+  def call(carry, chunk, offset):
+    return (step(carry, chunk, offset) if with_offset else step(carry, chunk)), None
 
-  def body(carry, start):
-    return call(carry, lax.dynamic_slice_in_dim(data, start, chunk_size), start), None
-
-  carry, _ = lax.scan(body, init, jnp.arange(num_full, dtype=jnp.int32) * chunk_size)
-  if num_full * chunk_size < num_rows:
-    carry = call(carry, data[num_full * chunk_size:], jnp.int32(num_full * chunk_size))
+  carry = init
+  if num_full:
+    carry, _ = scan_chunks(call, carry, data, chunk_size, num_full, start=start, prepare=prepare,
+                           with_offset=True)
+  tail = start + num_full * chunk_size
+  if tail < num_rows:
+    carry, _ = call(carry, prepare_fn(data[tail:]), jnp.int32(tail))
   return carry
+
+
+def scan_chunks(step: Callable[..., tuple[Carry, Any]], init: Carry, data: jax.Array, chunk_size: int,
+                num_chunks: int, *, start: int = 0, xs: Any = None,
+                prepare: Callable[[jax.Array], Any] | None = None, with_offset: bool = False):
+  """Scans `step` over `num_chunks` full chunks data[start + k·chunk_size : start + (k+1)·chunk_size].
+
+  `step(carry, chunk[, x_k][, offset]) -> (carry, y_k)`; the y_k are stacked like `lax.scan` outputs,
+  `x_k` are the slices of `xs` along its leading axis (given only when `xs` is not None) and `offset` the
+  chunk's first row (int32, with `with_offset`).
+
+  With `prepare`, chunk k+1 is prepared during iteration k and handed over in the loop carry. A loop
+  carry is always a materialised buffer, so the prepared chunk (e.g. converted to float32 and transposed
+  so that the dataset axis is minor) is computed once per chunk; computed inside `step`, XLA would fuse
+  the conversion and the transposed reads into every consumer, i.e. redo them for every query. (The last
+  iteration prepares the first chunk again and drops it, so every step runs inside the loop and the
+  outputs are stacked without a copy.)
+
+  Returns:
+    (final carry, stacked outputs).
+  """
+  if num_chunks < 1 or start + num_chunks * chunk_size > data.shape[0]:
+    raise ValueError(f"{num_chunks} chunks of {chunk_size} rows from row {start} do not fit in "
+                     f"{data.shape[0]} rows")
+  prepare_fn = prepare if prepare is not None else (lambda chunk: chunk)
+  starts = start + jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+
+  def rows(begin):
+    return lax.dynamic_slice_in_dim(data, begin, chunk_size)
+
+  def call(carry, chunk, x, begin):
+    args = (carry, chunk) + ((x,) if xs is not None else ()) + ((begin,) if with_offset else ())
+    return step(*args)
+
+  if prepare is None:
+    def body(carry, inputs):
+      begin, x = inputs
+      return call(carry, rows(begin), x, begin)
+
+    return lax.scan(body, init, (starts, xs))
+
+  def pipelined_body(carry, inputs):
+    state, prepared = carry
+    begin, following, x = inputs
+    state, out = call(state, prepared, x, begin)
+    return (state, prepare_fn(rows(following))), out
+
+  following = jnp.roll(starts, -1)
+  first = prepare_fn(lax.slice_in_dim(data, start, start + chunk_size))
+  (carry, _), outs = lax.scan(pipelined_body, (init, first), (starts, following, xs))
+  return carry, outs
 
 
 class SoftminStats(NamedTuple):

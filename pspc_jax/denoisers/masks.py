@@ -8,12 +8,19 @@ are all the PSPC denoisers need:
 * `spread(w)`: for per-mask weights w (..., masks), the per-pixel total Σ_{C ∋ p} w[C] (the inner sum of
   Eq. 11).
 
-Both are products with a 0/1 matrix at `Precision.HIGHEST`: sums of non-negative terms with no
-subtraction, so they keep full float32 relative precision even when a patch distance is 1e-6 and the
-logit divides it by 2σ² = 8e-6. `coverage` is n_p, the number of masks covering each pixel.
+Both are sums of non-negative terms with no subtraction (0/1 matrix products at `Precision.HIGHEST`,
+or `lax.reduce_window` sums), so they keep full float32 relative precision even when a patch distance is
+1e-6 and the logit divides it by 2σ² = 8e-6. `coverage` is n_p, the number of masks covering each pixel.
 
-`SquareWindows` exploits the separable structure of all s×s windows (a banded matrix along W, then along
-H), so its cost does not depend on s; `PixelMasks` holds arbitrary masks.
+Each mask set offers the two maps in two layouts:
+
+* `sums` / `spread` act on trailing (H, W) / mask axes: (..., H, W) → (..., masks).
+* `sums_major` / `spread_major` act on *leading* axes: (H, W, ...) → (*mask_shape, ...). This is the
+  layout of the fast denoisers (DESIGN §3): pixels major, (query, dataset row) minor, so every window sum
+  is a vectorised add of long contiguous rows, and the per-mask softmax reduces over the minor axis.
+
+`SquareWindows` exploits the separable structure of all s×s windows (a window sum along W, then along
+H), so its cost does not depend much on s; `PixelMasks` holds arbitrary masks.
 """
 
 from __future__ import annotations
@@ -40,6 +47,66 @@ def pixel_sq_dists(z: jax.Array, x: jax.Array) -> jax.Array:
   """
   channels = z.shape[-1]
   return sum(jnp.square(z[:, None, :, :, c] - x[None, :, :, :, c]) for c in range(channels))
+
+
+def pixel_sq_dists_major(z: jax.Array, x: jax.Array) -> jax.Array:
+  """`pixel_sq_dists` in the pixel-major layout: e[p, b, i] = Σ_c (z[p, c, b] − x[p, c, i])².
+
+  Args:
+    z: (P, C, B) float32 queries (pixels major).
+    x: (P, C, n) float32 data chunk (pixels major, dataset rows minor).
+
+  Returns:
+    (P, B, n) float32, from direct differences.
+  """
+  channels = z.shape[1]
+  return sum(jnp.square(z[:, c, :, None] - x[:, c, None, :]) for c in range(channels))
+
+
+# Cost rule for the window sums of `SquareWindows` in the pixel-major layout (measured on CPU, 32×32
+# images, see bin/benchmark). `lax.reduce_window` costs about one add per window element per output; a
+# 0/1 matmul costs one multiply-add per *input* position per output but runs several times faster per
+# operation. Along the leading axis (rows) the matmul is one large GEMM and wins from s ≈ 0.35·H; along
+# the second axis (columns) it is a batch of smaller GEMMs and only wins from s ≈ 0.6·W. The spread
+# along columns never won in measurements and always uses reduce_window.
+_ROW_MATMUL_FRACTION = 0.35
+_COLUMN_MATMUL_FRACTION = 0.6
+
+
+def _window_sums_major(a: jax.Array, size: int, axis: int, method: str) -> jax.Array:
+  """Valid window sums of length `size` along leading axis `axis` ∈ {0, 1} of `a`."""
+  length = a.shape[axis]
+  if method == "window":
+    window = [1] * a.ndim
+    window[axis] = size
+    return lax.reduce_window(a, jnp.float32(0), lax.add, tuple(window), (1,) * a.ndim, "VALID")
+  matrix = jnp.asarray(window_matrix(length, size).T)  # (K, L)
+  return _apply_major(matrix, a, axis)
+
+
+def _window_spread_major(a: jax.Array, size: int, axis: int, method: str) -> jax.Array:
+  """Transpose of `_window_sums_major`: K = L − size + 1 window values → L positions."""
+  num = a.shape[axis]
+  if method == "window":
+    window = [1] * a.ndim
+    window[axis] = size
+    padding = [(0, 0)] * a.ndim
+    padding[axis] = (size - 1, size - 1)
+    return lax.reduce_window(a, jnp.float32(0), lax.add, tuple(window), (1,) * a.ndim, padding)
+  matrix = jnp.asarray(window_matrix(num + size - 1, size))  # (L, K)
+  return _apply_major(matrix, a, axis)
+
+
+def _apply_major(matrix: jax.Array, a: jax.Array, axis: int) -> jax.Array:
+  """out[..., j, ...] = Σ_k matrix[j, k] a[..., k, ...] along leading axis 0 or 1 (no transposes)."""
+  if axis == 0:
+    flat = a.reshape(a.shape[0], -1)
+    out = jnp.dot(matrix, flat, precision=_HIGHEST)
+    return out.reshape(matrix.shape[:1] + a.shape[1:])
+  flat = a.reshape(a.shape[0], a.shape[1], -1)
+  batched = jnp.broadcast_to(matrix, (a.shape[0],) + matrix.shape)
+  out = lax.dot_general(batched, flat, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST)
+  return out.reshape((a.shape[0], matrix.shape[0]) + a.shape[2:])
 
 
 def window_matrix(length: int, size: int) -> np.ndarray:
@@ -75,6 +142,25 @@ class SquareWindows:
     along_w = jnp.einsum("...ij,wj->...iw", w, self.cols, precision=_HIGHEST)
     return jnp.einsum("...iw,hi->...hw", along_w, self.rows, precision=_HIGHEST)
 
+  def _methods(self):
+    """(rows, columns) method of the window sums, by the cost rule above."""
+    height, width = self.rows.shape[0], self.cols.shape[0]
+    rows = "matmul" if self.size >= _ROW_MATMUL_FRACTION * height else "window"
+    cols = "matmul" if self.size >= _COLUMN_MATMUL_FRACTION * width else "window"
+    return rows, cols
+
+  def sums_major(self, e: jax.Array) -> jax.Array:
+    """(H, W, ...) → (Kh, Kw, ...): Σ of e over every window (pixel-major layout)."""
+    rows, cols = self._methods()
+    along_w = _window_sums_major(e, self.size, 1, cols)
+    return _window_sums_major(along_w, self.size, 0, rows)
+
+  def spread_major(self, w: jax.Array) -> jax.Array:
+    """(Kh, Kw, ...) → (H, W, ...): every window's value added to each of its pixels."""
+    rows, _ = self._methods()
+    along_h = _window_spread_major(w, self.size, 0, rows)
+    return _window_spread_major(along_h, self.size, 1, "window")
+
 
 class PixelMasks:
   """Arbitrary cropping masks given as a boolean (M, H, W) array; per-mask arrays end in (M,)."""
@@ -100,3 +186,14 @@ class PixelMasks:
     """(..., M) → (..., H, W)."""
     flat = jnp.einsum("...m,mp->...p", w, self.matrix, precision=_HIGHEST)
     return flat.reshape(w.shape[:-1] + self.image_shape)
+
+  def sums_major(self, e: jax.Array) -> jax.Array:
+    """(H, W, ...) → (M, ...): one GEMM with the (M, H·W) mask matrix."""
+    flat = e.reshape(self.matrix.shape[1], -1)
+    return jnp.dot(self.matrix, flat, precision=_HIGHEST).reshape(self.mask_shape + e.shape[2:])
+
+  def spread_major(self, w: jax.Array) -> jax.Array:
+    """(M, ...) → (H, W, ...)."""
+    flat = w.reshape(self.matrix.shape[0], -1)
+    out = lax.dot_general(self.matrix, flat, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+    return out.reshape(self.image_shape + w.shape[1:])
