@@ -1,0 +1,65 @@
+"""EDM preconditioning around a raw network F (Karras et al. 2022; DESIGN §2 "Network").
+
+D(z, sigma) = c_skip(sigma) · z + c_out(sigma) · F(c_in(sigma) · z, c_noise(sigma)) with
+c_skip = sd² / (sigma² + sd²), c_out = sigma · sd / sqrt(sigma² + sd²), c_in = 1 / sqrt(sigma² + sd²)
+and c_noise = ln(sigma) / 4 (sd = sigma_data), as EDM's EDMPrecond. sigma must be positive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pspc_jax.edm import edm_preconditioning
+
+
+def precond_apply(module: nn.Module, params, z: jnp.ndarray, sigma, *, sigma_data: float = 0.5,
+                  class_labels: jnp.ndarray | None = None, augment_labels: jnp.ndarray | None = None,
+                  train: bool = False, rngs: dict[str, jax.Array] | None = None) -> jnp.ndarray:
+  """The preconditioned denoiser output D(z, sigma).
+
+  Args:
+    module: a network from `pspc_jax.nets.make_network` (called as in `pspc_jax.nets`).
+    params: its params (the "params" collection).
+    z: (B, H, W, C) noisy images.
+    sigma: noise levels, a scalar or (B,).
+    sigma_data: the data's standard deviation.
+    class_labels: passed to the network (None: the network's default, zeros for SongUNet).
+    augment_labels: passed to the network (None: no augmentation).
+    train: run the network in training mode (dropout).
+    rngs: PRNG streams for training mode, e.g. {"dropout": key}.
+
+  Returns:
+    (B, H, W, C) float32 denoised images.
+  """
+  z = jnp.asarray(z, jnp.float32)
+  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), z.shape[:1])
+  coef = edm_preconditioning(sigma, sigma_data)
+  c_skip, c_out, c_in = (c[:, None, None, None] for c in (coef.c_skip, coef.c_out, coef.c_in))
+  out = module.apply({"params": params}, c_in * z, coef.c_noise, class_labels=class_labels,
+                     augment_labels=augment_labels, train=train, rngs=rngs)
+  return c_skip * z + c_out * out.astype(jnp.float32)
+
+
+def edm_denoiser(module: nn.Module, params, *, sigma_data: float = 0.5,
+                 class_labels: jnp.ndarray | None = None) -> Callable[[jnp.ndarray, Any], jnp.ndarray]:
+  """A `denoise(z, sigma) -> x_hat` (pure, jit-compatible) of a network with EDM preconditioning.
+
+  Args:
+    module: the network.
+    params: its params.
+    sigma_data: the data's standard deviation (0.5 for images in [-1, 1]).
+    class_labels: fixed class labels for every call, (B, label_dim) or (1, label_dim); None for an
+      unconditional network.
+
+  Returns:
+    denoise(z (B, H, W, C), sigma scalar or (B,)) -> (B, H, W, C) float32, in evaluation mode.
+  """
+
+  def denoise(z: jnp.ndarray, sigma) -> jnp.ndarray:
+    return precond_apply(module, params, z, sigma, sigma_data=sigma_data, class_labels=class_labels)
+
+  return denoise

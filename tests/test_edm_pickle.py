@@ -1,0 +1,245 @@
+"""EDM state dicts <-> Flax params, and the restricted reader of EDM's persistence pickles."""
+
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from pspc_jax.nets import edm_pickle, songunet
+
+CONFIG = {"arch": "songunet", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 3,
+          "augment_dim": 2, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+          "attn_resolutions": [4], "embedding_type": "fourier", "channel_mult_noise": 2,
+          "encoder_type": "residual", "resample_filter": [1, 3, 3, 1]}
+
+
+def _net(**overrides):
+  return songunet.build(**{k: v for k, v in CONFIG.items() if k != "arch"}, **overrides)
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  flat = {path: rng.standard_normal(shape).astype(np.float32)
+          for path, shape in edm_pickle.param_shapes(_net()).items()}
+  return traverse_util.unflatten_dict(flat)
+
+
+def _assert_same(a, b):
+  flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert flat_a.keys() == flat_b.keys()
+  for path in flat_a:
+    np.testing.assert_array_equal(flat_a[path], flat_b[path], err_msg="/".join(path))
+
+
+def test_key_path_rule():
+  cases = {"enc.8x8_conv.weight": ("enc_8x8_conv", "kernel"),
+           "enc.4x4_down.norm0.weight": ("enc_4x4_down", "norm0", "scale"),
+           "dec.4x4_in0.qkv.bias": ("dec_4x4_in0", "qkv", "bias"),
+           "dec.8x8_aux_norm.weight": ("dec_8x8_aux_norm", "scale"),
+           "map_layer0.weight": ("map_layer0", "kernel"),
+           "enc.4x4_block0.affine.weight": ("enc_4x4_block0", "affine", "kernel")}
+  for key, path in cases.items():
+    assert edm_pickle.flax_path(key) == path and edm_pickle.torch_key(path) == key
+  assert edm_pickle.flax_path("map_noise.freqs") is None
+
+
+def test_state_round_trip_and_torch_layouts():
+  params = _params()
+  state = edm_pickle.flax_to_torch_state(params, CONFIG)
+  assert state["enc.8x8_conv.weight"].shape == (16, 1, 3, 3)  # OIHW
+  assert state["map_layer0.weight"].shape == (64, 32)  # Linear (out, in)
+  np.testing.assert_array_equal(state["map_layer0.weight"], params["map_layer0"]["kernel"].T)
+  np.testing.assert_array_equal(state["enc.8x8_conv.weight"][4, 0],
+                                params["enc_8x8_conv"]["kernel"][:, :, 0, 4])
+  f = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64
+  for key in ("enc.4x4_down.conv0", "enc.4x4_down.skip", "enc.4x4_aux_residual", "dec.8x8_up.conv0"):
+    np.testing.assert_allclose(state[key + ".resample_filter"], f[None, None])
+  assert "enc.8x8_block0.conv0.resample_filter" not in state
+  np.testing.assert_array_equal(state["map_noise.freqs"], songunet.fourier_frequencies(_net()))
+  _assert_same(edm_pickle.torch_state_to_flax(state, CONFIG), params)
+
+
+def test_conversion_reports_every_problem():
+  state = edm_pickle.flax_to_torch_state(_params(), CONFIG)
+  del state["dec.8x8_block1.conv1.bias"]
+  state["enc.8x8_block0.conv0.weight"] = state["enc.8x8_block0.conv0.weight"][:, :, :1]
+  state["enc.8x8_block0.extra.weight"] = np.zeros((2, 2))
+  state["enc.8x8_block0.conv0.resample_filter"] = np.zeros((1, 1, 4, 4))
+  state["enc.4x4_down.conv0.resample_filter"] = np.ones((1, 1, 4, 4))
+  state["map_noise.freqs"] = state["map_noise.freqs"] + 1
+  with pytest.raises(ValueError) as err:
+    edm_pickle.torch_state_to_flax(state, CONFIG)
+  message = str(err.value)
+  for fragment in ("dec_8x8_block1/conv1/bias: no state-dict key dec.8x8_block1.conv1.bias",
+                   "enc.8x8_block0.conv0.weight: shape (16, 16, 1, 3) converts to (1, 3, 16, 16)",
+                   "enc.8x8_block0.extra.weight: no matching Flax parameter",
+                   "enc.8x8_block0.conv0.resample_filter: no resampling convolution",
+                   "enc.4x4_down.conv0.resample_filter: is not the filter",
+                   "map_noise.freqs: differs from the config's fourier_freqs"):
+    assert fragment in message
+
+
+# ---- pickles in EDM's persistence layout ------------------------------------------------------------
+
+
+def _reconstruct_persistent_obj(meta):
+  raise AssertionError("the reader must never call the pickled reconstruct function")
+
+
+@pytest.fixture
+def persistence(monkeypatch):
+  """A fake `torch_utils.persistence` so that pickles name its reconstruct function, as EDM's do."""
+  package, module = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+  _reconstruct_persistent_obj.__module__ = module.__name__
+  module._reconstruct_persistent_obj = _reconstruct_persistent_obj
+  package.persistence = module
+  monkeypatch.setitem(sys.modules, "torch_utils", package)
+  monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
+
+
+def _source(marker):
+  """Module source that, if anything executed it, would leave a marker file and fail."""
+  return f"open({str(marker)!r}, 'w').write('executed')\nraise RuntimeError('embedded source ran')\n"
+
+
+def _meta(source, class_name, state):
+  return {"type": "class", "version": 6, "module_src": source, "class_name": class_name, "state": state}
+
+
+class _NumpyPersistent:
+  """Pickles as EDM's persistent objects do, with NumPy arrays for tensors."""
+
+  def __init__(self, source, class_name, state):
+    self.meta = _meta(source, class_name, state)
+
+  def __reduce__(self):
+    return _reconstruct_persistent_obj, (self.meta,)
+
+
+def _nest(state):
+  tree = {}
+  for key, value in state.items():
+    *modules, leaf = key.split(".")
+    node = tree
+    for name in modules:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+_BUFFERS = ("resample_filter", "freqs")
+
+
+def _numpy_module(source, class_name, tree, **attrs):
+  params = {k: v for k, v in tree.items() if not isinstance(v, dict) and k not in _BUFFERS}
+  buffers = {k: v for k, v in tree.items() if k in _BUFFERS}
+  if getattr(params.get("weight"), "ndim", 0) == 4:
+    buffers.setdefault("resample_filter", None)  # EDM registers None for non-resampling convs
+  modules = {k: _numpy_module(source, "Module", v) for k, v in tree.items() if isinstance(v, dict)}
+  state = {"training": False, "_parameters": params, "_buffers": buffers, "_modules": modules,
+           "_non_persistent_buffers_set": set(), **attrs}
+  return _NumpyPersistent(source, class_name, state)
+
+
+def _torch_module(torch, source, class_name, tree, **attrs):
+  """A torch.nn.Module whose pickle is EDM's persistence layout (state = its __dict__)."""
+
+  class Persistent(torch.nn.Module):
+
+    def __reduce__(self):
+      return _reconstruct_persistent_obj, (_meta(source, class_name, dict(self.__dict__)),)
+
+  module = Persistent()
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      child = torch.nn.ModuleDict() if name in ("enc", "dec") else None
+      if child is None:
+        module.add_module(name, _torch_module(torch, source, "Module", value))
+      else:
+        for sub, subtree in value.items():
+          child[sub] = _torch_module(torch, source, "Module", subtree)
+        module.add_module(name, child)
+    elif name in _BUFFERS:
+      module.register_buffer(name, torch.from_numpy(value))
+    else:
+      module.register_parameter(name, torch.nn.Parameter(torch.from_numpy(value), requires_grad=False))
+  module.__dict__.update(attrs)
+  return module
+
+
+def _edm_pickle(tmp_path, backend, protocol):
+  """The bytes of a fabricated EDM snapshot {"ema": EDMPrecond(model=SongUNet), ...} and its params."""
+  params = _params()
+  state = edm_pickle.flax_to_torch_state(params, CONFIG)
+  source = _source(tmp_path / "marker")
+  model_kwargs = {k: v for k, v in CONFIG.items() if k not in ("arch", "img_resolution", "in_channels")}
+  model_attrs = {"_init_args": (8, 1), "_init_kwargs": model_kwargs, "label_dropout": 0}
+  precond_attrs = {"_init_args": (), "_init_kwargs": {"img_resolution": 8, "img_channels": 1},
+                   "img_resolution": 8, "img_channels": 1, "label_dim": 3, "use_fp16": False,
+                   "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": 0.5}
+  if backend == "torch":
+    torch = pytest.importorskip("torch")
+    model = _torch_module(torch, source, "SongUNet", _nest(state), **model_attrs)
+    model.register_buffer("scratch", torch.zeros(2), persistent=False)
+    net = _torch_module(torch, source, "EDMPrecond", {}, **precond_attrs)
+    net.add_module("model", model)
+  else:
+    model = _numpy_module(source, "SongUNet", _nest(state), **model_attrs)
+    model.meta["state"]["_buffers"]["scratch"] = np.zeros(2)
+    model.meta["state"]["_non_persistent_buffers_set"] = {"scratch"}
+    net = _numpy_module(source, "EDMPrecond", {}, **precond_attrs)
+    net.meta["state"]["_modules"]["model"] = model
+  loss = _NumpyPersistent(source, "EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5})
+  snapshot = {"ema": net, "loss_fn": loss, "augment_pipe": None, "dataset_kwargs": {"path": "x.zip"}}
+  return pickle.dumps(snapshot, protocol=protocol), params
+
+
+@pytest.mark.parametrize("backend, protocol", [("numpy", 4), ("numpy", 5), ("torch", 4)])
+def test_reads_edm_snapshot_without_running_its_code(tmp_path, persistence, backend, protocol):
+  data, params = _edm_pickle(tmp_path, backend, protocol)
+  assert b"_reconstruct_persistent_obj" in data and b"embedded source ran" in data
+  config, loaded, precond = edm_pickle.load_edm_pickle(data)
+  assert not (tmp_path / "marker").exists()
+  _assert_same(loaded, params)
+  expected = songunet.config_of(_net(fourier_freqs=songunet.fourier_frequencies(_net()).tolist()))
+  assert config == expected
+  assert precond == {"class_name": "EDMPrecond", "sigma_data": 0.5, "sigma_min": 0.0,
+                     "sigma_max": float("inf"), "label_dim": 3, "use_fp16": False, "img_resolution": 8,
+                     "img_channels": 1}
+  snapshot = edm_pickle.load_pickle(data)
+  assert snapshot["loss_fn"].class_name == "EDMLoss" and snapshot["loss_fn"].state["P_std"] == 1.2
+  assert snapshot["ema"].module_src.startswith("open(")
+  if backend == "torch":
+    model = snapshot["ema"].state["_modules"]["model"]
+    assert isinstance(model.state["_modules"]["enc"], edm_pickle.TorchModule)
+
+
+def test_torch_tensors_decode_without_torch():
+  torch = pytest.importorskip("torch")
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  tensors = {"f32": base, "f16": base.half(), "i64": base.long(), "bool": base > 5,
+             "transposed": base.t(), "slice": base[1:, 2:5], "scalar": torch.tensor(3.5),
+             "param": torch.nn.Parameter(base.double()), "bf16": base.bfloat16()}
+  decoded = edm_pickle.load_pickle(pickle.dumps(tensors, protocol=4))
+  for name, tensor in tensors.items():
+    expected = tensor.detach().float().numpy() if name == "bf16" else tensor.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(decoded[name], expected.dtype), expected, err_msg=name)
+    assert decoded[name].shape == tuple(tensor.shape)
+
+
+@pytest.mark.parametrize("payload", [os.system, eval, types.SimpleNamespace(a=1)])
+def test_refuses_foreign_globals(payload):
+  with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    edm_pickle.load_pickle(pickle.dumps({"ema": payload}))
+
+
+def test_rejects_pickles_without_an_edm_precond(tmp_path, persistence):
+  data, _ = _edm_pickle(tmp_path, "numpy", 4)
+  with pytest.raises(ValueError, match="no 'model' entry"):
+    edm_pickle.load_edm_pickle(data, key="model")
+  with pytest.raises(ValueError, match="expected an EDMPrecond"):
+    edm_pickle.load_edm_pickle(data, key="loss_fn")
