@@ -74,3 +74,21 @@ def _gaussian(data, *, rank: int | None = None) -> Denoiser:
   def denoise(z, sigma):
     return gaussian_denoise(z, sigma, stats)
   return denoise
+
+
+@register("network")
+def _network(data, *, checkpoint: str | None = None) -> Denoiser:
+  """A trained (`bin/train`) or converted network with EDM preconditioning, from `checkpoint`: a
+  training workdir, its checkpoints/ folder or one step folder (newest step unless a step folder)."""
+  if not checkpoint:
+    raise ValueError("the network denoiser needs a checkpoint (--checkpoint=DIR)")
+  # Imported here so that the other denoisers do not pay for importing orbax.
+  from pspc_jax.checkpoints import load_network
+  from pspc_jax.nets.precond import edm_denoiser
+
+  module, params, meta = load_network(checkpoint, image_shape=data.shape[1:])
+  apply = jax.jit(lambda p, z, sigma: edm_denoiser(module, p, sigma_data=meta["sigma_data"])(z, sigma))
+
+  def denoise(z, sigma):
+    return apply(params, z, sigma)  # params stay an argument, not constants compiled into the graph
+  return denoise
