@@ -1,0 +1,121 @@
+"""Converts public network weights into pspc_jax checkpoints (`bin/convert`).
+
+Two sources are understood:
+
+* EDM network pickles (`edm-cifar10-32x32-uncond-vp.pkl` and its siblings, or EDM training snapshots),
+  read by `pspc_jax.nets.edm_pickle` without EDM's code, without torch and without running the source
+  embedded in the pickle; the SongUNet config and σ_data come from the pickle itself.
+* PyTorch DiT state dicts (`.pt`/`.pth` through torch, `.safetensors` with NumPy alone), for a DiT config
+  the caller names (a state dict does not record its architecture).
+
+Either way the result is a step folder that `pspc_jax.checkpoints.load_network` and
+`bin/sample --denoiser=network --checkpoint=DIR` read, with the provenance (file name, size, SHA-256)
+in its sidecar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pspc_jax import checkpoints, nets
+from pspc_jax.nets import dit_convert, edm_pickle
+
+EDM_SUFFIXES = (".pkl", ".pickle")
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def file_provenance(path: str | os.PathLike) -> dict:
+  """{"source": file name, "bytes": size, "sha256": hex digest} of a file (read in 1 MiB blocks)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return {"source": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def num_params(params) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def convert_edm_pickle(source: str | os.PathLike, destination: str | os.PathLike,
+                       key: str = "ema") -> dict:
+  """Converts an EDM network pickle (EDMPrecond around a SongUNet) into a checkpoint folder.
+
+  Args:
+    source: the `.pkl` file.
+    destination: the step folder to create (must not exist).
+    key: the entry of a snapshot dict that holds the network ("ema" in EDM's files).
+
+  Returns:
+    The checkpoint's sidecar (as `checkpoints.read_meta` returns it).
+
+  Raises:
+    ValueError: not an EDMPrecond/SongUNet pickle, its weights do not match its config, or it references
+      code outside the reader's table of allowed globals (`pickle.UnpicklingError`, re-raised).
+  """
+  try:
+    config, params, precond = edm_pickle.load_edm_pickle(source, key=key)
+  except pickle.UnpicklingError as err:
+    raise ValueError(f"{source}: {err}") from err
+  image_shape = (precond["img_resolution"], precond["img_resolution"], precond["img_channels"])
+  extra = {**file_provenance(source), "converter": "edm_pickle", "precond": precond,
+           "num_params": num_params(params)}
+  checkpoints.save_params(str(destination), params, config, extra, image_shape=image_shape,
+                          sigma_data=precond["sigma_data"])
+  return checkpoints.read_meta(str(destination))
+
+
+def convert_dit_state_dict(source: str | os.PathLike, destination: str | os.PathLike, network: dict, *,
+                           entry: str | None = None, drop_learned_sigma: bool = False,
+                           sigma_data: float = 0.5) -> dict:
+  """Converts a PyTorch DiT state dict into a checkpoint folder.
+
+  Args:
+    source: `.pt`/`.pth` (needs torch: `pip install 'pspc-jax[convert]'`) or `.safetensors`.
+    destination: the step folder to create (must not exist).
+    network: the DiT config the weights belong to (e.g. `nets.presets()["dit_b4_cifar10"]`).
+    entry: the top-level entry of a training checkpoint to read (default: "ema" when present).
+    drop_learned_sigma: the model outputs 2C channels (learn_sigma=True); keep the mean's C.
+    sigma_data: σ_data of the EDM preconditioning the network was trained with.
+
+  Returns:
+    The checkpoint's sidecar.
+  """
+  if network.get("arch") != "dit":
+    raise ValueError(f"state dicts are converted into DiT networks; --network has arch "
+                     f"{network.get('arch')!r}")
+  params = dit_convert.load_dit_params(source, network, drop_learned_sigma=drop_learned_sigma,
+                                       entry=entry)
+  image_shape = (network["img_resolution"], network["img_resolution"], network["in_channels"])
+  extra = {**file_provenance(source), "converter": "dit_state_dict", "entry": entry,
+           "drop_learned_sigma": drop_learned_sigma, "num_params": num_params(params)}
+  checkpoints.save_params(str(destination), params, network, extra, image_shape=image_shape,
+                          sigma_data=sigma_data)
+  return checkpoints.read_meta(str(destination))
+
+
+def convert(source: str | os.PathLike, destination: str | os.PathLike, *, network: dict | None = None,
+            **options) -> dict:
+  """Dispatches on the file suffix: EDM pickles to `convert_edm_pickle`, state dicts (which need
+  `network`) to `convert_dit_state_dict`; `options` go to the chosen converter."""
+  suffix = Path(source).suffix.lower()
+  if not os.path.isfile(source):
+    raise ValueError(f"{source}: no such file")
+  if suffix in EDM_SUFFIXES:
+    if network is not None:
+      raise ValueError("an EDM pickle records its own network; drop --network")
+    return convert_edm_pickle(source, destination, **options)
+  if suffix in STATE_DICT_SUFFIXES:
+    if network is None:
+      raise ValueError(f"a state dict does not record its architecture: name it with --network "
+                       f"(e.g. {', '.join(n for n in sorted(nets.presets()) if n.startswith('dit'))})")
+    return convert_dit_state_dict(source, destination, network, **options)
+  raise ValueError(f"{source}: unknown weights format {suffix!r}; expected one of "
+                   f"{', '.join(EDM_SUFFIXES + STATE_DICT_SUFFIXES)}")

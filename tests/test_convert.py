@@ -1,0 +1,90 @@
+"""`pspc_jax.convert` and `bin/convert`: public weights in, loadable checkpoints out."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from pspc_jax import checkpoints, convert
+from pspc_jax.nets.dit_convert import flax_to_dit_state
+from pspc_jax.nets.precond import edm_denoiser
+from test_dit import TINY, _write_safetensors, tiny
+from test_edm_pickle import _edm_pickle, persistence  # noqa: F401  (fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _assert_same_params(a, b):
+  flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert flat_a.keys() == flat_b.keys()
+  for path in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_a[path]), np.asarray(flat_b[path]))
+
+
+def _bin_convert(*args):
+  return subprocess.run([sys.executable, os.path.join(REPO, "bin", "convert"), *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_edm_pickle_converts_to_a_network_that_denoises_like_the_original(tmp_path, persistence):
+  data, params = _edm_pickle(tmp_path, "numpy", 4)
+  source = tmp_path / "edm-tiny.pkl"
+  source.write_bytes(data)
+  meta = convert.convert(source, tmp_path / "ckpt")
+  assert meta["image_shape"] == [8, 8, 1] and meta["sigma_data"] == 0.5
+  assert meta["extra"]["source"] == "edm-tiny.pkl" and len(meta["extra"]["sha256"]) == 64
+  assert meta["extra"]["num_params"] == sum(np.size(p) for p in traverse_util.flatten_dict(params).values())
+  module, loaded, _ = checkpoints.load_network(tmp_path / "ckpt")
+  _assert_same_params(loaded, params)
+  z = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
+  sigma = jnp.array([0.1, 3.0])
+  np.testing.assert_array_equal(edm_denoiser(module, loaded)(z, sigma),
+                                edm_denoiser(module, params)(z, sigma))
+  with pytest.raises(ValueError, match="already exists"):
+    convert.convert(source, tmp_path / "ckpt")
+  with pytest.raises(ValueError, match="records its own network"):
+    convert.convert(source, tmp_path / "other", network=TINY)
+
+
+def test_dit_safetensors_convert_and_need_a_network(tmp_path):
+  _, params, *_ = tiny()
+  state = {key: ("F32", np.asarray(value, "<f4")) for key, value in flax_to_dit_state(params, TINY).items()}
+  source = tmp_path / "dit.safetensors"
+  _write_safetensors(source, state)
+  with pytest.raises(ValueError, match="does not record its architecture"):
+    convert.convert(source, tmp_path / "ckpt")
+  meta = convert.convert(source, tmp_path / "ckpt", network=TINY, sigma_data=0.6)
+  assert meta["image_shape"] == [8, 8, 3] and meta["sigma_data"] == 0.6
+  assert meta["extra"]["converter"] == "dit_state_dict"
+  _, loaded, _ = checkpoints.load_network(tmp_path / "ckpt", image_shape=(8, 8, 3))
+  _assert_same_params(loaded, params)
+
+
+def test_bad_sources_are_refused(tmp_path):
+  weights = tmp_path / "weights.bin"
+  weights.write_bytes(b"0")
+  with pytest.raises(ValueError, match="unknown weights format"):
+    convert.convert(weights, tmp_path / "ckpt")
+  with pytest.raises(ValueError, match="no such file"):
+    convert.convert(tmp_path / "missing.pkl", tmp_path / "ckpt")
+  hostile = tmp_path / "hostile.pkl"
+  hostile.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+  with pytest.raises(ValueError, match="refusing"):
+    convert.convert(hostile, tmp_path / "ckpt")
+  assert not (tmp_path / "ckpt").exists()
+
+
+def test_bin_convert_end_to_end(tmp_path, persistence):
+  data, _ = _edm_pickle(tmp_path, "numpy", 4)
+  source = tmp_path / "edm-tiny.pkl"
+  source.write_bytes(data)
+  result = _bin_convert(f"--source={source}", f"--outdir={tmp_path / 'ckpt'}")
+  assert result.returncode == 0, result.stderr
+  assert "converted edm-tiny.pkl" in result.stdout and "--denoiser=network" in result.stdout
+  again = _bin_convert(f"--source={source}", f"--outdir={tmp_path / 'ckpt'}")
+  assert again.returncode == 2 and "already exists" in again.stderr
+  assert "Traceback" not in again.stderr
