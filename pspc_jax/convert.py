@@ -8,6 +8,9 @@ Two sources are understood:
 * PyTorch DiT state dicts (`.pt`/`.pth` through torch, `.safetensors` with NumPy alone), for a DiT config
   the caller names (a state dict does not record its architecture).
 
+A third "source" is a `bin/train` workdir (or one of its step folders): `export_training_run` keeps only
+its EMA weights and sidecar, the small inference checkpoint that is worth committing or sharing.
+
 Either way the result is a step folder that `pspc_jax.checkpoints.load_network` and
 `bin/sample --denoiser=network --checkpoint=DIR` read, with the provenance (file name, size, SHA-256)
 in its sidecar.
@@ -101,11 +104,36 @@ def convert_dit_state_dict(source: str | os.PathLike, destination: str | os.Path
   return checkpoints.read_meta(str(destination))
 
 
+def export_training_run(source: str | os.PathLike, destination: str | os.PathLike) -> dict:
+  """Writes the inference part of a training checkpoint (EMA weights and sidecar) as its own folder.
+
+  Args:
+    source: a `bin/train` workdir, its checkpoints/ folder or a step folder (newest step otherwise).
+    destination: the step folder to create (must not exist).
+
+  Returns:
+    The new sidecar; its "extra" keeps the run's "train" config, "dataset" fingerprint and "step".
+  """
+  step_dir = checkpoints.find_checkpoint(str(source))
+  module, params, meta = checkpoints.load_network(step_dir)
+  del module
+  extra = {"converter": "training_run", "step": meta["step"], "train": meta.get("train"),
+           "dataset": meta.get("dataset"), "source": os.path.relpath(step_dir),
+           "num_params": num_params(params)}
+  checkpoints.save_params(str(destination), params, meta["network"], extra,
+                          image_shape=meta["image_shape"], sigma_data=meta["sigma_data"])
+  return checkpoints.read_meta(str(destination))
+
+
 def convert(source: str | os.PathLike, destination: str | os.PathLike, *, network: dict | None = None,
             **options) -> dict:
-  """Dispatches on the file suffix: EDM pickles to `convert_edm_pickle`, state dicts (which need
-  `network`) to `convert_dit_state_dict`; `options` go to the chosen converter."""
+  """Dispatches on the source: a folder to `export_training_run`, EDM pickles to `convert_edm_pickle`,
+  state dicts (which need `network`) to `convert_dit_state_dict`; `options` go to the chosen converter."""
   suffix = Path(source).suffix.lower()
+  if os.path.isdir(source):
+    if network is not None or options:
+      raise ValueError("a training run records its own network and settings; drop the other flags")
+    return export_training_run(source, destination)
   if not os.path.isfile(source):
     raise ValueError(f"{source}: no such file")
   if suffix in EDM_SUFFIXES:

@@ -88,3 +88,18 @@ def test_bin_convert_end_to_end(tmp_path, persistence):
   again = _bin_convert(f"--source={source}", f"--outdir={tmp_path / 'ckpt'}")
   assert again.returncode == 2 and "already exists" in again.stderr
   assert "Traceback" not in again.stderr
+
+
+def test_training_run_exports_its_ema_weights_only(tmp_path, monkeypatch):
+  import test_training as tt
+  from pspc_jax import nets, training
+  monkeypatch.setitem(nets._ARCH_MODULES, "tiny", tt.__name__)
+  state = training.train(tt._config(), tt._images(), str(tmp_path / "run"), num_steps=3,
+                         checkpoint_every=1, sample_every=None)
+  meta = convert.convert(tmp_path / "run", tmp_path / "export")
+  assert not (tmp_path / "export" / "train_state").exists()
+  assert meta["extra"]["step"] == 3 and meta["extra"]["train"] == tt._config().to_json()
+  _, params, _ = checkpoints.load_network(tmp_path / "export")
+  _assert_same_params(params, state.ema_params)
+  with pytest.raises(ValueError, match="records its own network"):
+    convert.convert(tmp_path / "run", tmp_path / "other", network=TINY)
