@@ -9,6 +9,10 @@ Public API (all array functions are pure and `jax.jit`-compatible):
   sample, latents_from_seeds, seed_keys         PF-ODE samplers (Euler / Heun / churn)
   SigmaSchedule, cifar10_patch_schedule, ...    σ → patch size schedules
   make_denoiser, register, available_denoisers  denoisers by name
+  make_network, edm_denoiser                    Flax DDPM++/NCSN++/DiT and their EDM-preconditioned D(z, σ)
+
+Checkpoints (`pspc_jax.checkpoints.load_network`), training (`pspc_jax.training`) and weight import
+(`pspc_jax.convert`) import orbax/optax and are left to their modules.
 """
 
 from pspc_jax.denoisers.empirical import empirical_denoise
@@ -16,6 +20,8 @@ from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise, gaussia
 from pspc_jax.denoisers.pspc import pspc_denoise, pspc_square_denoise
 from pspc_jax.denoisers.registry import available_denoisers, make_denoiser, register
 from pspc_jax.edm import edm_preconditioning, edm_sigmas
+from pspc_jax.nets import make_network
+from pspc_jax.nets.precond import edm_denoiser
 from pspc_jax.sampling import Trajectory, latents_from_seeds, sample, seed_keys
 from pspc_jax.schedules import (SigmaSchedule, cifar10_patch_schedule, on_edm_grid,
                                 parse_patch_schedule, patch_schedule_for)
