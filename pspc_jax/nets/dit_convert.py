@@ -15,30 +15,27 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from pspc_jax.nets import dit
+from pspc_jax.nets.state_dicts import (LeafRule, identity, match_rule, module_from_config,
+                                      param_shapes)
 
 Array = np.ndarray
 
 
-def _same(w: Array) -> Array:
-  return w
-
-
 # (state-dict key pattern, Flax leaf name, PyTorch -> Flax transform, Flax -> PyTorch transform);
 # the first row whose pattern matches the whole key applies.
-_LEAF_RULES: tuple[tuple[re.Pattern, str, Callable[[Array], Array], Callable[[Array], Array]], ...] = (
+_LEAF_RULES: tuple[LeafRule, ...] = (
     (re.compile(r"x_embedder\.proj\.weight"), "kernel",
      lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-    (re.compile(r"y_embedder\.embedding_table\.weight"), "embedding", _same, _same),
+    (re.compile(r"y_embedder\.embedding_table\.weight"), "embedding", identity, identity),
     (re.compile(r".+\.weight"), "kernel", np.transpose, np.transpose),
-    (re.compile(r".+\.bias"), "bias", _same, _same),
+    (re.compile(r".+\.bias"), "bias", identity, identity),
 )
 _POS_EMBED = "pos_embed"
 _FINAL_LINEAR = ("final_layer.linear.weight", "final_layer.linear.bias")
@@ -49,10 +46,7 @@ _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "
 
 
 def _rule(key: str):
-  for pattern, leaf, to_flax, to_torch in _LEAF_RULES:
-    if pattern.fullmatch(key):
-      return leaf, to_flax, to_torch
-  return None
+  return match_rule(_LEAF_RULES, key)
 
 
 def flax_path(key: str) -> tuple[str, ...] | None:
@@ -80,21 +74,12 @@ def torch_key(path: tuple[str, ...]) -> str:
 
 
 def _network(config: Mapping | dit.DiT) -> dit.DiT:
-  if isinstance(config, dit.DiT):
-    return config
-  config = dict(config)
-  arch = config.pop("arch", "dit")
-  if arch != "dit":
-    raise ValueError(f"config is for arch {arch!r}, not 'dit'")
-  return dit.build(**config)
+  return module_from_config(config, dit.DiT, "dit", dit.build)
 
 
 def _param_shapes(net: dit.DiT) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {path: shape} of the network's params, without allocating them."""
-  x = jnp.zeros((1, net.img_resolution, net.img_resolution, net.in_channels))
-  labels = jnp.zeros((1,), jnp.int32) if net.label_dim else None
-  variables = jax.eval_shape(lambda key: net.init(key, x, jnp.zeros((1,)), labels), jax.random.key(0))
-  return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(variables["params"]).items()}
+  return param_shapes(net, jnp.zeros((1,), jnp.int32) if net.label_dim else None)
 
 
 def _drop_sigma_channels(value: Array, net: dit.DiT) -> Array:

@@ -23,14 +23,14 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from pspc_jax.nets import songunet
 from pspc_jax.nets.layers import resample_filter_2d
+from pspc_jax.nets.state_dicts import (LeafRule, identity, match_rule, module_from_config,
+                                      param_shapes)
 
 Array = np.ndarray
 
@@ -38,17 +38,13 @@ Array = np.ndarray
 # State dict <-> Flax params.
 
 
-def _same(w: Array) -> Array:
-  return w
-
-
 # (state-dict key pattern, Flax leaf, PyTorch -> Flax, Flax -> PyTorch); the first full match applies.
-_LEAF_RULES: tuple[tuple[re.Pattern, str, Callable[[Array], Array], Callable[[Array], Array]], ...] = (
-    (re.compile(r".*(\.norm\d|_aux_norm)\.weight"), "scale", _same, _same),
+_LEAF_RULES: tuple[LeafRule, ...] = (
+    (re.compile(r".*(\.norm\d|_aux_norm)\.weight"), "scale", identity, identity),
     (re.compile(r"(map_\w+|.+\.affine)\.weight"), "kernel", np.transpose, np.transpose),
     (re.compile(r".+\.weight"), "kernel",
      lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-    (re.compile(r".+\.bias"), "bias", _same, _same),
+    (re.compile(r".+\.bias"), "bias", identity, identity),
 )
 # Convolutions that resample, i.e. hold a `resample_filter` buffer in EDM.
 _RESAMPLING_CONV = re.compile(r"(enc|dec)\.\d+x\d+_(down|up)\.(conv0|skip)|enc\.\d+x\d+_aux_residual")
@@ -57,10 +53,7 @@ _FREQS = "map_noise.freqs"
 
 
 def _rule(key: str):
-  for pattern, leaf, to_flax, to_torch in _LEAF_RULES:
-    if pattern.fullmatch(key):
-      return leaf, to_flax, to_torch
-  return None
+  return match_rule(_LEAF_RULES, key)
 
 
 def flax_path(key: str) -> tuple[str, ...] | None:
@@ -84,20 +77,7 @@ def torch_key(path: tuple[str, ...]) -> str:
 
 
 def _network(config: Mapping | songunet.SongUNet) -> songunet.SongUNet:
-  if isinstance(config, songunet.SongUNet):
-    return config
-  config = dict(config)
-  arch = config.pop("arch", "songunet")
-  if arch != "songunet":
-    raise ValueError(f"config is for arch {arch!r}, not 'songunet'")
-  return songunet.build(**config)
-
-
-def param_shapes(net: songunet.SongUNet) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Flat {path: shape} of a SongUNet's params, traced with `jax.eval_shape` (nothing allocated)."""
-  x = jnp.zeros((1, net.img_resolution, net.img_resolution, net.in_channels))
-  variables = jax.eval_shape(lambda key: net.init(key, x, jnp.zeros((1,))), jax.random.key(0))
-  return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(variables["params"]).items()}
+  return module_from_config(config, songunet.SongUNet, "songunet", songunet.build)
 
 
 def _check_buffer(key: str, value: Array, net: songunet.SongUNet,
