@@ -152,3 +152,21 @@ def test_bin_sample_and_denoise_with_a_songunet_checkpoint(tmp_path):
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines()[-1] == (
       f"error: checkpoint {tmp_path / 'nothing'} does not exist")
+
+
+def test_committed_digits_baseline_denoises_digits():
+  from pspc_jax.data import load_dataset
+  digits = load_dataset("digits").images
+  denoise = make_denoiser("network", digits,
+                          checkpoint=os.path.join(REPO, "checkpoints", "digits_ddpmpp_small"))
+  x = jnp.asarray(digits[:8], jnp.float32) / 127.5 - 1
+  noise = jax.random.normal(jax.random.key(0), x.shape)
+  sigma = jnp.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0])
+  out = denoise(x + sigma[:, None, None, None] * noise, sigma)
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+  # Trained: far better than returning z at small σ, and about the dataset mean at large σ.
+  err = jnp.mean((out - x) ** 2, axis=(1, 2, 3))
+  data_mean = jnp.mean(jnp.asarray(digits, jnp.float32) / 127.5 - 1, axis=0)
+  mean_err = jnp.mean((data_mean - x) ** 2, axis=(1, 2, 3))
+  assert bool(jnp.all(err[:4] < sigma[:4] ** 2 / 4)), err
+  assert bool(jnp.all(err[4:] < 1.1 * mean_err[4:])), (err, mean_err)
