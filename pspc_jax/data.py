@@ -51,6 +51,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from pspc_jax.files import atomic_write
+
 __all__ = [
   "CIFAR10_FILENAME",
   "CIFAR10_MD5",
@@ -837,15 +839,8 @@ def _read_cache_entry(images_path: pathlib.Path, labels_path: pathlib.Path,
 
 def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
   """np.save to a temp file next to path, then rename over it."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as out:
-      np.save(out, array, allow_pickle=False)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  with atomic_write(path) as out:
+    np.save(out, array, allow_pickle=False)
 
 
 # --------------------------------------------------------------------------------------------------

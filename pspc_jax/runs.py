@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -23,18 +22,10 @@ import numpy as np
 from pspc_jax import plots
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
+from pspc_jax.files import save_npz
 from pspc_jax.images import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.sampling import latents_from_seeds, sample
-
-
-def _save_npz(path: str, **arrays) -> None:
-  """Writes an .npz atomically (temp file + rename), so an interrupt never leaves a torn file."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
-  with os.fdopen(fd, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
 
 
 def _prepare_outdir(outdir: str, config: dict, resume_file: str) -> bool:
@@ -101,12 +92,12 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
     out = out[:len(batch)]
     done.update(zip(batch, out))
     ordered = [s for s in seeds if s in done]
-    _save_npz(npz_path, seeds=np.asarray(ordered), samples=np.stack([done[s] for s in ordered]))
+    save_npz(npz_path, seeds=np.asarray(ordered), samples=np.stack([done[s] for s in ordered]))
 
   samples = np.stack([done[s] for s in seeds]).astype(np.float32)
   dists, idx = nearest_neighbours(jnp.asarray(samples), data, k=2)
   dists, idx = np.asarray(dists), np.asarray(idx)
-  _save_npz(npz_path, seeds=np.asarray(seeds), samples=samples, images=to_uint8(samples),
+  save_npz(npz_path, seeds=np.asarray(seeds), samples=samples, images=to_uint8(samples),
             nn_indices=idx, nn_distances=dists)
   plots.save_grid(os.path.join(outdir, "samples.png"), samples,
                   upscale=max(1, 128 // images.shape[1]))
@@ -153,7 +144,7 @@ def denoise_run(images: np.ndarray, *, denoisers: dict[str, dict], sigma: float,
     print(f"{name}: {time.perf_counter() - t:.2f}s", flush=True)
     rows[name] = out
     errors[name] = float(np.mean((out - np.asarray(x)) ** 2))
-  _save_npz(os.path.join(outdir, "denoised.npz"), indices=np.asarray(indices),
+  save_npz(os.path.join(outdir, "denoised.npz"), indices=np.asarray(indices),
             **{k.split(" ")[0]: v for k, v in rows.items()})
   plots.save_rows_figure(os.path.join(outdir, "denoised.png"), rows,
                          title=f"denoisers at σ = {sigma:g}; MSE to x: " +

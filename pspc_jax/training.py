@@ -30,7 +30,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -47,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from pspc_jax import checkpoints, nets, plots  # noqa: E402
+from pspc_jax.files import atomic_write  # noqa: E402
 from pspc_jax.edm import edm_sigmas  # noqa: E402
 from pspc_jax.images import to_model_range  # noqa: E402
 from pspc_jax.nets.precond import edm_denoiser, precond_apply  # noqa: E402
@@ -409,10 +409,8 @@ class _MetricsLog:
   def __init__(self, path: str, start: int, num_steps: int):
     self.path, self.num_steps = path, num_steps
     self.records = [r for r in read_metrics(path) if r["step"] <= start]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in self.records)
-    os.replace(tmp, path)
     self.elapsed_before = self.records[-1]["elapsed_s"] if self.records else 0.0
     self.run_start = self.window_start = time.perf_counter()
     self.losses = []
