@@ -5,17 +5,26 @@ Public API (all array functions are pure and `jax.jit`-compatible):
   edm_sigmas, edm_preconditioning               EDM noise grid and network preconditioning
   empirical_denoise                             optimal empirical denoiser (Eq. 6-7)
   pspc_square_denoise, pspc_denoise             PSPC composites of square / arbitrary masks (Eq. 9-11)
+  pspc_flex_denoise, flex_masks, ...            PSPC-Flex: masks from sensitivity maps, λ(σ) schedules
   gaussian_stats, gaussian_denoise              Gaussian (linear) denoiser
+  els_denoise, ls_denoise, cfdm_denoise         ELS/LS machines (Kamb & Ganguli), σ-CFDM (Scarvelis et al.)
   sample, latents_from_seeds, seed_keys         PF-ODE samplers (Euler / Heun / churn)
   SigmaSchedule, cifar10_patch_schedule, ...    σ → patch size schedules
   make_denoiser, register, available_denoisers  denoisers by name
+  sensitivity_maps, SensitivityMaps, ...        gradient sensitivity maps (Eq. 8), files, Fig. 3 sides
   make_network, edm_denoiser                    Flax DDPM++/NCSN++/DiT and their EDM-preconditioned D(z, σ)
+  attribute, pixel_attribution, contributor_counts  attribution of samples to training images
 
 Checkpoints (`pspc_jax.checkpoints.load_network`), training (`pspc_jax.training`) and weight import
 (`pspc_jax.convert`) import orbax/optax and are left to their modules.
 """
 
+from pspc_jax.attribution import (Attribution, attribute, contributor_counts, image_totals,
+                                  pixel_attribution, pixel_top_k)
+from pspc_jax.denoisers.cfdm import cfdm_denoise
 from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.els import els_denoise, ls_denoise
+from pspc_jax.denoisers.flex import flex_masks, make_flex_denoiser, pspc_flex_denoise
 from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise, gaussian_stats
 from pspc_jax.denoisers.pspc import pspc_denoise, pspc_square_denoise
 from pspc_jax.denoisers.registry import available_denoisers, make_denoiser, register
@@ -23,7 +32,10 @@ from pspc_jax.edm import edm_preconditioning, edm_sigmas
 from pspc_jax.nets import make_network
 from pspc_jax.nets.precond import edm_denoiser
 from pspc_jax.sampling import Trajectory, latents_from_seeds, sample, seed_keys
-from pspc_jax.schedules import (SigmaSchedule, cifar10_patch_schedule, on_edm_grid,
-                                parse_patch_schedule, patch_schedule_for)
+from pspc_jax.schedules import (SigmaSchedule, cifar10_flex_schedule, cifar10_patch_schedule,
+                                on_edm_grid, parse_patch_schedule, parse_threshold_schedule,
+                                patch_schedule_for)
+from pspc_jax.sensitivity import (SensitivityMaps, load_maps, maps_for_sigma, save_maps,
+                                  sensitivity_map, sensitivity_maps, square_capture_sides)
 
 __version__ = "0.1.0"

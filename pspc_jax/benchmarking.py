@@ -6,6 +6,11 @@ What is measured, per case (denoiser, patch size s, σ):
   once more as a warm-up, then `repeats` times with `block_until_ready`; the minimum is reported (the
   machine may be shared, and the minimum is the least disturbed run).
 * ratio to empirical: time / time of `empirical_denoise` on the same data and batch.
+* PSPC-Flex cases (`pspc_flex`): one case per threshold λ and mask path ("gather": padded index lists,
+  the default; "matmul": the dense 0/1 mask matrix), on synthetic sensitivity maps: a Gaussian bump of
+  width `flex_radius` pixels centred on each output pixel (`gaussian_bump_maps`), so that masks have a
+  realistic size (about 17 pixels at λ = 0.5 and radius 2, more at the borders). The note gives the
+  largest and mean mask size and, for the matmul path, max |matmul − gather|.
 * speed-up vs loop: time of the plain per-window reference / time of the case (`loop_reference`).
   The reference is the official code's algorithm: a Python loop over the window positions that crops
   the whole dataset for that window and runs the exact softmax on the crops (`empirical_denoise` on the
@@ -38,11 +43,15 @@ from jax import lax
 
 from pspc_jax import schedules
 from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.flex import flex_masks, pspc_flex_denoise
 from pspc_jax.denoisers.masks import SquareWindows
 from pspc_jax.denoisers.pspc import pspc_square_denoise
 
-DENOISERS = ("empirical", "pspc_square")
+DENOISERS = ("empirical", "pspc_square", "pspc_flex")
+DEFAULT_DENOISERS = ("empirical", "pspc_square")
 DEFAULT_PATCH_SIZES = (3, 7, 15, 23)
+DEFAULT_FLEX_THRESHOLDS = (0.3, 0.5, 0.7)
+FLEX_METHODS = ("gather", "matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +67,7 @@ class BenchmarkConfig:
     patch_sizes: PSPC-Square patch sizes s.
     sigma: one σ for every case, or None for the CIFAR-10 schedule's σ of each s (`schedule_sigma`).
     repeats: timed calls per case (the minimum is reported).
-    denoisers: subset of DENOISERS to time.
+    denoisers: subset of DENOISERS to time (default DEFAULT_DENOISERS).
     loop_reference: also time the per-window loop reference of pspc_square for every s.
     loop_budget_s: time the whole loop only when its estimate is under this; else a subset.
     loop_subset: number of positions timed when the loop is extrapolated.
@@ -67,6 +76,9 @@ class BenchmarkConfig:
     seed: seed of the queries (z = x + σ·ε around training images) and of synthetic data.
     synthetic_shape: (H, W, C) of synthetic images.
     cache_dir: passed to `load_dataset`.
+    flex_thresholds: PSPC-Flex thresholds λ, one case per λ and method.
+    flex_methods: PSPC-Flex mask paths timed, from FLEX_METHODS.
+    flex_radius: width (pixels) of the synthetic Gaussian-bump sensitivity maps.
   """
   dataset: str = "synthetic"
   num_images: int | None = None
@@ -75,7 +87,7 @@ class BenchmarkConfig:
   patch_sizes: tuple[int, ...] = DEFAULT_PATCH_SIZES
   sigma: float | None = None
   repeats: int = 3
-  denoisers: tuple[str, ...] = DENOISERS
+  denoisers: tuple[str, ...] = DEFAULT_DENOISERS
   loop_reference: bool = False
   loop_budget_s: float = 180.0
   loop_subset: int = 24
@@ -84,6 +96,9 @@ class BenchmarkConfig:
   seed: int = 0
   synthetic_shape: tuple[int, int, int] = (32, 32, 3)
   cache_dir: str | None = None
+  flex_thresholds: tuple[float, ...] = DEFAULT_FLEX_THRESHOLDS
+  flex_methods: tuple[str, ...] = FLEX_METHODS
+  flex_radius: float = 2.0
 
 
 @dataclasses.dataclass
@@ -102,6 +117,8 @@ class CaseResult:
   loop_max_abs_diff: float | None = None
   peak_rss_mb: float | None = None
   note: str = ""
+  threshold: float | None = None
+  method: str | None = None
 
 
 @dataclasses.dataclass
@@ -172,6 +189,29 @@ def schedule_sigma(patch_size: int, side: int) -> float:
   return float(candidates[len(candidates) // 2])
 
 
+def flex_schedule_sigma(threshold: float) -> float:
+  """A σ that the CIFAR-10 Flex schedule assigns to λ (the middle one of those with the nearest λ)."""
+  schedule = schedules.cifar10_flex_schedule()
+  values = np.asarray(schedule.values, np.float64)
+  nearest = values[np.argmin(np.abs(values - threshold))]
+  candidates = sorted(s for s, v in zip(schedule.sigmas, schedule.values) if v == nearest)
+  return float(candidates[len(candidates) // 2])
+
+
+def gaussian_bump_maps(height: int, width: int, radius: float) -> np.ndarray:
+  """Synthetic sensitivity maps (H, W, H, W) float32: G_p[q] = exp(−‖q − p‖² / (2·radius²)) (pixels)."""
+  rows, cols = np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64)
+  dh = np.square(rows[:, None, None, None] - rows[None, None, :, None])
+  dw = np.square(cols[None, :, None, None] - cols[None, None, None, :])
+  return np.exp(-(dh + dw) / (2.0 * radius ** 2)).astype(np.float32)
+
+
+def flex_mask_sizes(height: int, width: int, radius: float, threshold: float) -> tuple[int, float]:
+  """(largest, mean) PSPC-Flex mask size in pixels for `gaussian_bump_maps`."""
+  sizes = np.asarray(flex_masks(gaussian_bump_maps(height, width, radius), threshold)).sum(axis=(1, 2))
+  return int(sizes.max()), float(sizes.mean())
+
+
 def load_images(config: BenchmarkConfig) -> tuple[np.ndarray, str]:
   """uint8 (N, H, W, C) images and a name, as the config asks."""
   if config.dataset == "synthetic":
@@ -195,16 +235,24 @@ def make_queries(images: np.ndarray, batch: int, sigma: float, seed: int) -> jax
   return jnp.asarray((x + sigma * rng.standard_normal(x.shape)).astype(np.float32))
 
 
-def case_function(denoiser: str, patch_size: int | None) -> Callable:
+def case_function(denoiser: str, patch_size: int | None, *, threshold: float | None = None,
+                  method: str | None = None, radius: float = 2.0) -> Callable:
   """jitted `f(z, sigma, data)` for a case.
 
   The dataset is an argument, not a closed-over constant: a captured array is embedded in the program
-  as a literal, and XLA then spends seconds per 100 MB folding it at compile time.
+  as a literal, and XLA then spends seconds per 100 MB folding it at compile time. (PSPC-Flex masks are
+  computed once at trace time from `gaussian_bump_maps`; only their small index lists or the 0/1 matrix
+  become constants.)
   """
   if denoiser == "empirical":
     return jax.jit(lambda z, sigma, data: empirical_denoise(z, sigma, data))
   if denoiser == "pspc_square":
     return jax.jit(lambda z, sigma, data: pspc_square_denoise(z, sigma, data, int(patch_size)))
+  if denoiser == "pspc_flex":
+    def flex(z, sigma, data):
+      maps = gaussian_bump_maps(z.shape[1], z.shape[2], radius)
+      return pspc_flex_denoise(z, sigma, data, maps, float(threshold), method=method or "gather")
+    return jax.jit(flex)
   raise ValueError(f"unknown benchmark denoiser {denoiser!r}; choose from {', '.join(DENOISERS)}")
 
 
@@ -297,20 +345,31 @@ def time_loop_reference(z, sigma, data, patch_size: int, *, budget_s: float, sub
                                     "positions"), None
 
 
-def _case_list(config: BenchmarkConfig, side: int) -> list[tuple[str, int | None, float]]:
+def _case_list(config: BenchmarkConfig, side: int) -> list[CaseResult]:
   cases = []
   for denoiser in config.denoisers:
     if denoiser not in DENOISERS:
       raise ValueError(f"unknown benchmark denoiser {denoiser!r}; choose from {', '.join(DENOISERS)}")
   if "empirical" in config.denoisers:
     sigma = config.sigma if config.sigma is not None else schedule_sigma(side, side)
-    cases.append(("empirical", None, float(sigma)))
+    cases.append(CaseResult("empirical", None, float(sigma)))
   if "pspc_square" in config.denoisers:
     for size in config.patch_sizes:
       if not 1 <= size <= side:
         raise ValueError(f"patch size {size} must be between 1 and the image side {side}")
       sigma = config.sigma if config.sigma is not None else schedule_sigma(size, side)
-      cases.append(("pspc_square", int(size), float(sigma)))
+      cases.append(CaseResult("pspc_square", int(size), float(sigma)))
+  if "pspc_flex" in config.denoisers:
+    for method in config.flex_methods:
+      if method not in FLEX_METHODS:
+        raise ValueError(f"unknown PSPC-Flex method {method!r}; choose from {', '.join(FLEX_METHODS)}")
+    for threshold in config.flex_thresholds:
+      if not 0 < threshold <= 1:
+        raise ValueError(f"threshold {threshold} is outside (0, 1]")
+      sigma = config.sigma if config.sigma is not None else flex_schedule_sigma(threshold)
+      for method in config.flex_methods:
+        cases.append(CaseResult("pspc_flex", None, float(sigma), threshold=float(threshold),
+                                method=method))
   return cases
 
 
@@ -320,20 +379,32 @@ def run_benchmark(config: BenchmarkConfig, *, log: Callable[[str], None] | None 
   log = log or (lambda message: None)
   images, name = load_images(config)
   side = min(images.shape[1], images.shape[2])
-  cases = [CaseResult(d, s, sigma) for d, s, sigma in _case_list(config, side)]
+  cases = _case_list(config, side)
   dataset_info = {"name": name, "num_images": int(images.shape[0]),
                   "image_shape": [int(v) for v in images.shape[1:]], "bytes": int(images.nbytes)}
   log(f"dataset {name}: {images.shape[0]} images of {tuple(images.shape[1:])}")
 
   if config.timing:
     data = jnp.asarray(images)
+    flex_outputs = {}
     for case in cases:
       z = make_queries(images, config.batch, case.sigma, config.seed)
-      fn = case_function(case.denoiser, case.patch_size)
+      fn = case_function(case.denoiser, case.patch_size, threshold=case.threshold,
+                         method=case.method, radius=config.flex_radius)
       case.seconds, case.compile_seconds, case.all_seconds = time_function(
           fn, z, jnp.float32(case.sigma), data, repeats=config.repeats)
-      log(f"{case.denoiser} s={case.patch_size} σ={case.sigma:.4g}: {case.seconds:.4f} s per call "
+      log(f"{_label(case)} σ={case.sigma:.4g}: {case.seconds:.4f} s per call "
           f"(compile {case.compile_seconds:.2f} s)")
+      if case.denoiser == "pspc_flex":
+        largest, mean = flex_mask_sizes(images.shape[1], images.shape[2], config.flex_radius,
+                                        case.threshold)
+        case.note = f"masks ≤ {largest} px (mean {mean:.1f}), bump radius {config.flex_radius:g}"
+        outputs = flex_outputs.setdefault(case.threshold, {})
+        outputs[case.method] = fn(z, jnp.float32(case.sigma), data)
+        if len(outputs) == 2:
+          diff = float(jnp.max(jnp.abs(outputs["matmul"] - outputs["gather"])))
+          case.note += f", max |matmul − gather| = {diff:.1e}"
+        log(f"  {case.note}")
       if config.loop_reference and case.denoiser == "pspc_square":
         loop_s, loop_compile, note, loop_out = time_loop_reference(
             z, jnp.float32(case.sigma), data, case.patch_size, budget_s=config.loop_budget_s,
@@ -354,21 +425,29 @@ def run_benchmark(config: BenchmarkConfig, *, log: Callable[[str], None] | None 
 
   if config.memory:
     for case in cases:
-      peak, note = measure_peak_rss(config, case.denoiser, case.patch_size, case.sigma)
+      peak, note = measure_peak_rss(config, case.denoiser, case.patch_size, case.sigma,
+                                    threshold=case.threshold, method=case.method)
       case.peak_rss_mb = peak
       if note:
         case.note = f"{case.note}; {note}" if case.note else note
-      log(f"{case.denoiser} s={case.patch_size}: peak RSS {peak:.0f} MB {note}")
+      log(f"{_label(case)}: peak RSS {peak:.0f} MB {note}")
 
   return BenchmarkResult(config=dataclasses.asdict(config), machine=machine_info(),
                          dataset=dataset_info, cases=cases)
 
 
-def measure_peak_rss(config: BenchmarkConfig, denoiser: str, patch_size: int | None, sigma: float
+def _label(case: CaseResult) -> str:
+  if case.denoiser == "pspc_flex":
+    return f"pspc_flex λ={case.threshold:g} {case.method}"
+  return f"{case.denoiser} s={case.patch_size}"
+
+
+def measure_peak_rss(config: BenchmarkConfig, denoiser: str, patch_size: int | None, sigma: float, *,
+                     threshold: float | None = None, method: str | None = None
                      ) -> tuple[float, str]:
   """Peak RSS (MB) of one compiled call in a fresh subprocess (see the module docstring)."""
   spec = {"config": dataclasses.asdict(config), "denoiser": denoiser, "patch_size": patch_size,
-          "sigma": sigma}
+          "sigma": sigma, "threshold": threshold, "method": method}
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -400,7 +479,8 @@ def _memory_worker(spec: dict) -> dict:
   del images
   z = make_queries(np.asarray(data[: max(1, min(4096, data.shape[0]))]), config.batch, spec["sigma"],
                    config.seed)
-  fn = case_function(spec["denoiser"], spec["patch_size"])
+  fn = case_function(spec["denoiser"], spec["patch_size"], threshold=spec.get("threshold"),
+                     method=spec.get("method"), radius=config.flex_radius)
   resident_mb = (_status_kb("VmRSS") or 0) / 1e3
   note = ""
   try:
@@ -425,12 +505,13 @@ def format_table(result: BenchmarkResult) -> str:
            f"dataset: {d['name']}, N = {d['num_images']}, images {tuple(d['image_shape'])}, "
            f"{d['bytes'] / 1e6:.0f} MB; batch B = {result.config['batch']}, "
            f"repeats = {result.config['repeats']} (minimum reported)"]
-  header = ("denoiser", "s", "sigma", "time/call (s)", "compile (s)", "x empirical", "speed-up vs loop",
-            "peak RSS (MB)", "note")
+  header = ("denoiser", "s", "sigma", "lambda", "path", "time/call (s)", "compile (s)", "x empirical",
+            "speed-up vs loop", "peak RSS (MB)", "note")
   rows = []
   for c in result.cases:
     rows.append((c.denoiser, "-" if c.patch_size is None else str(c.patch_size), f"{c.sigma:.4g}",
-                 _fmt(c.seconds, ".4f"), _fmt(c.compile_seconds, ".2f"), _fmt(c.ratio_to_empirical, ".2f"),
+                 _fmt(c.threshold, "g"), c.method or "-", _fmt(c.seconds, ".4f"),
+                 _fmt(c.compile_seconds, ".2f"), _fmt(c.ratio_to_empirical, ".2f"),
                  _fmt(c.speedup_vs_loop, ".1f"), _fmt(c.peak_rss_mb, ".0f"), c.note))
   widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
   fmt = "  ".join("{:<%d}" % w for w in widths)

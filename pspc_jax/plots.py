@@ -90,3 +90,126 @@ def save_rows_figure(path, rows: Mapping[str, np.ndarray], title: str = "") -> N
   fig.tight_layout()
   fig.savefig(path, dpi=150)
   plt.close(fig)
+
+
+def save_sensitivity_heatmaps(path, sigmas: Sequence[float], maps: np.ndarray,
+                              pixels: Sequence[tuple[int, int]],
+                              max_columns: int | None = None) -> None:
+  """Sensitivity maps of chosen output pixels (rows) at every σ (columns), paper Fig. 3 (right).
+
+  Each panel is normalised to its own maximum; a red square marks the output pixel.
+
+  Args:
+    path: output PNG.
+    sigmas: (S,) noise levels of `maps`.
+    maps: (S, H, W, H, W) maps; maps[k, h, w] is the map of output pixel (h, w) at sigmas[k].
+    pixels: output pixels (h, w), one row each.
+    max_columns: show at most this many σ, evenly spaced over the sorted grid (None: all).
+  """
+  sigmas = np.asarray(sigmas, np.float64)
+  order = np.argsort(-sigmas)  # largest σ first, as in sampling.
+  if max_columns is not None and len(order) > max_columns:
+    order = order[np.round(np.linspace(0, len(order) - 1, max_columns)).astype(int)]
+  rows, columns = len(pixels), len(order)
+  fig, axes = plt.subplots(rows, columns, figsize=(max(4.0, 0.9 * columns + 0.8), 0.95 * rows + 0.6),
+                           squeeze=False)
+  for r, (h, w) in enumerate(pixels):
+    for c, k in enumerate(order):
+      ax = axes[r, c]
+      panel = np.asarray(maps[k, h, w], np.float64)
+      ax.imshow(panel / max(panel.max(), 1e-30), cmap="magma", vmin=0, vmax=1,
+                interpolation="nearest")
+      ax.add_patch(matplotlib.patches.Rectangle((w - 0.5, h - 0.5), 1, 1, fill=False,
+                                                edgecolor="red", linewidth=0.8))
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(f"σ={sigmas[k]:.3g}", fontsize=6)
+    axes[r, 0].set_ylabel(f"({h},{w})", fontsize=7)
+  fig.suptitle("sensitivity maps of output pixels (rows) by noise level", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def save_capture_plot(path, sigmas: Sequence[float], sides: np.ndarray, fractions: Sequence[float],
+                      image_side: int | None = None, title: str = "") -> None:
+  """Side of the centred square capturing each mass fraction vs σ (log axis), paper Fig. 3 (left).
+
+  Args:
+    path: output PNG.
+    sigmas: (S,) noise levels.
+    sides: (S, F) square sides, one column per fraction.
+    fractions: the F fractions (legend).
+    image_side: draws a dotted line at the image side when given.
+    title: figure title.
+  """
+  sigmas = np.asarray(sigmas, np.float64)
+  sides = np.asarray(sides, np.float64)
+  order = np.argsort(sigmas)
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  for j, fraction in enumerate(fractions):
+    ax.plot(sigmas[order], sides[order, j], marker="o", markersize=3, label=f"{100 * fraction:g}%")
+  if image_side:
+    ax.axhline(image_side, color="gray", linestyle=":", linewidth=0.8, label="image side")
+  ax.set_xscale("log")
+  ax.set_xlabel("σ")
+  ax.set_ylabel("centred square side (pixels)")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def _framed(ax, image: np.ndarray, title: str, colour) -> None:
+  _show(ax, image, title)
+  for spine in ax.spines.values():
+    spine.set_edgecolor(colour)
+    spine.set_linewidth(2.0)
+
+
+def save_attribution_figure(path, samples: np.ndarray, which: np.ndarray, strength: np.ndarray,
+                            sources: np.ndarray, source_labels: Sequence[Sequence[str]],
+                            row_labels: Sequence[str] = (), title: str = "",
+                            others: np.ndarray | None = None) -> None:
+  """Per sample (one row): the sample, a map of which training image dominates each pixel, and those
+  training images, each framed in its map colour.
+
+  Args:
+    path: output PNG.
+    samples: (B, H, W, C) [-1, 1] samples.
+    which: (B, H, W) int: position in that row's `sources` of the pixel's dominating image, −1 for an
+      image not shown (drawn grey).
+    strength: (B, H, W) the dominating weight in [0, 1]; weaker pixels are drawn paler.
+    sources: (B, M, H, W, C) [-1, 1] the training images shown.
+    source_labels: (B, M) titles of the training images (e.g. index and share).
+    row_labels: optional per-sample titles.
+    title: figure title.
+    others: optional (B, H, W) int top-1 training index of every pixel; pixels dominated by an image
+      not shown then get a grey level that depends on that index, so the mosaic of other images shows.
+  """
+  count, shown = sources.shape[:2]
+  palette = np.asarray(plt.get_cmap("tab10").colors[:max(shown, 1)] + ((0.6, 0.6, 0.6),))
+  fig, axes = plt.subplots(count, shown + 2, figsize=(1.15 * (shown + 2), 1.25 * count + 0.4),
+                           squeeze=False)
+  for b in range(count):
+    _show(axes[b, 0], samples[b], row_labels[b] if b < len(row_labels) else f"sample {b}")
+    colours = palette[np.where(which[b] >= 0, which[b], shown)]
+    if others is not None:
+      grey = 0.45 + 0.4 * ((np.asarray(others[b], np.int64) * 2654435761) % 1000 / 1000.0)
+      colours = np.where((which[b] >= 0)[..., None], colours, grey[..., None])
+    alpha = (0.25 + 0.75 * np.clip(np.asarray(strength[b], np.float64), 0, 1))[..., None]
+    axes[b, 1].imshow(alpha * colours + (1 - alpha), interpolation="nearest")
+    axes[b, 1].set_xticks([])
+    axes[b, 1].set_yticks([])
+    axes[b, 1].set_title("dominant image", fontsize=7)
+    for j in range(shown):
+      _framed(axes[b, j + 2], sources[b, j], source_labels[b][j], palette[j])
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)

@@ -7,7 +7,9 @@ and keep the linear rule available as `metric="linear"`.
 
 Schedules are hashable, static objects; `index(sigma)` works on traced σ inside `jax.jit`, and
 `dispatch` turns one static-parameter denoiser per schedule value into a single `denoise(z, sigma)` that
-accepts batches mixing noise levels.
+accepts batches mixing noise levels (`dispatch_indexed` with any per-sample branch choice, e.g. the pair
+(maps σ, λ) of PSPC-Flex, whose reachable pairs `reachable_pairs` lists). Command-line specs share one
+grammar (`parse_schedule`): `parse_patch_schedule` for sizes, `parse_threshold_schedule` for λ.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class SigmaSchedule:
   def distinct_values(self) -> tuple:
     return tuple(sorted(set(self.values)))
 
+  def boundaries(self) -> np.ndarray:
+    """The σ between adjacent grid points where the nearest grid σ changes (ascending, float64):
+    geometric midpoints √(σ_a σ_b) for the log metric, arithmetic ones for the linear metric."""
+    grid = np.unique(np.asarray(self.sigmas, np.float64))
+    if self.metric == "log":
+      return np.sqrt(grid[:-1] * grid[1:])
+    return 0.5 * (grid[:-1] + grid[1:])
+
   def to_json(self) -> str:
     return json.dumps({"sigmas": list(self.sigmas), "values": list(self.values),
                        "metric": self.metric}, indent=1)
@@ -97,6 +107,11 @@ def cifar10_patch_schedule(metric: str = "log") -> SigmaSchedule:
   return on_edm_grid(CIFAR10_PATCH_SIZES, metric)
 
 
+def cifar10_flex_schedule(metric: str = "log") -> SigmaSchedule:
+  """The paper's CIFAR-10 PSPC-Flex mass thresholds λ(σ) (floats)."""
+  return on_edm_grid(tuple(float(v) for v in CIFAR10_FLEX_THRESHOLDS), metric)
+
+
 def patch_schedule_for(side: int, metric: str = "log") -> SigmaSchedule:
   """The CIFAR-10 patch schedule rescaled to images of side `side` (our heuristic, not the paper's).
 
@@ -109,43 +124,102 @@ def patch_schedule_for(side: int, metric: str = "log") -> SigmaSchedule:
   return dataclasses.replace(base, values=sizes)
 
 
-def parse_patch_schedule(spec: str, side: int) -> SigmaSchedule:
-  """Builds a patch-size schedule from a command-line string.
+def parse_schedule(spec: str, *, value_type: Callable[[str], Any] = int,
+                   named: dict[str, Callable[[str], SigmaSchedule]] | None = None,
+                   what: str = "schedule") -> SigmaSchedule:
+  """Builds a schedule from a command-line string (the shared grammar of the schedule flags).
 
-  Accepted forms: "auto" (CIFAR-10 schedule rescaled to `side`, see `patch_schedule_for`); "cifar10"
-  (the paper's values, unscaled); one integer ("7", the same size at every σ); a comma-separated list
-  of integers, one per σ of the EDM grid of that many steps ("32,32,…,3"); "σ:s" pairs
-  ("80:32,1:7,0.1:3"); a path to a JSON file written by `SigmaSchedule.to_json`. A ":log" or ":linear"
-  suffix on "auto"/"cifar10" picks the nearest-σ metric.
+  Accepted forms: a name in `named` ("cifar10", optionally with a ":log" or ":linear" suffix that picks
+  the nearest-σ metric: `named[name](metric)`); a path to a JSON file written by
+  `SigmaSchedule.to_json`; one value ("7", the same value at every σ); a comma-separated list of
+  values, one per σ of the EDM grid of that many steps ("32,32,…,3"); "σ:value" pairs
+  ("80:32,1:7,0.1:3").
+
+  Args:
+    spec: the string.
+    value_type: converts one value (int for patch sizes, float for thresholds); raises ValueError.
+    named: named schedules by name, each a function of the metric.
+    what: what the schedule is, for error messages ("patch schedule").
+
+  Raises:
+    ValueError: with a one-line reason, for malformed specs.
+  """
+  spec = spec.strip()
+  named = named or {}
+  head, _, metric = spec.partition(":")
+  if head in named:
+    return named[head](metric or "log")
+  if os.path.isfile(spec):
+    with open(spec) as f:
+      schedule = SigmaSchedule.from_json(f.read())
+    return dataclasses.replace(schedule, values=tuple(value_type(v) for v in schedule.values))
+  try:
+    if ":" in spec:
+      pairs = [item.split(":") for item in spec.split(",")]
+      return SigmaSchedule(tuple(float(s) for s, _ in pairs), tuple(value_type(v) for _, v in pairs))
+    values = tuple(value_type(v) for v in spec.split(","))
+    return SigmaSchedule((1.0,), values) if len(values) == 1 else on_edm_grid(values)
+  except ValueError as err:
+    names = "".join(f"'{name}', " for name in named)
+    kind = "an integer" if value_type is int else "a number"
+    raise ValueError(f"cannot parse {what} {spec!r} ({err}); expected {names}{kind}, a "
+                     "comma-separated list, 'sigma:value' pairs or a JSON file") from None
+
+
+def parse_patch_schedule(spec: str, side: int) -> SigmaSchedule:
+  """Builds a patch-size schedule from a command-line string (`parse_schedule` grammar).
+
+  Named forms: "auto" (CIFAR-10 schedule rescaled to `side`, see `patch_schedule_for`) and "cifar10"
+  (the paper's values, unscaled); otherwise integers ("7", a list on the EDM grid, "σ:s" pairs) or a
+  JSON file.
 
   Raises:
     ValueError: with a one-line reason, for malformed specs and patch sizes outside [1, side].
   """
-  spec = spec.strip()
-  head, _, metric = spec.partition(":")
-  if head == "auto":
-    schedule = patch_schedule_for(side, metric or "log")
-  elif head == "cifar10":
-    schedule = cifar10_patch_schedule(metric or "log")
-  elif os.path.isfile(spec):
-    with open(spec) as f:
-      schedule = SigmaSchedule.from_json(f.read())
-  else:
-    try:
-      if ":" in spec:
-        pairs = [item.split(":") for item in spec.split(",")]
-        schedule = SigmaSchedule(tuple(float(s) for s, _ in pairs), tuple(int(v) for _, v in pairs))
-      else:
-        sizes = tuple(int(v) for v in spec.split(","))
-        schedule = (SigmaSchedule((1.0,), sizes) if len(sizes) == 1 else on_edm_grid(sizes))
-    except ValueError as err:
-      raise ValueError(f"cannot parse patch schedule {spec!r} ({err}); expected 'auto', 'cifar10', "
-                       "an integer, a comma-separated list, 'sigma:size' pairs or a JSON file") from None
+  schedule = parse_schedule(spec, value_type=int, what="patch schedule",
+                            named={"auto": lambda metric: patch_schedule_for(side, metric),
+                                   "cifar10": cifar10_patch_schedule})
   bad = [s for s in schedule.values if not 1 <= int(s) <= side]
   if bad:
     raise ValueError(f"patch size {bad[0]} does not fit {side}×{side} images "
                      f"(patch sizes must be between 1 and {side})")
   return schedule
+
+
+def parse_threshold_schedule(spec: str) -> SigmaSchedule:
+  """Builds a PSPC-Flex mass-threshold schedule λ(σ) from a command-line string.
+
+  Named forms: "cifar10" (the paper's CIFAR-10 thresholds on the 18-step EDM grid) and "auto" (the
+  same: λ is a fraction of sensitivity mass, so it does not depend on the image size); otherwise
+  numbers ("0.5", "1,1,…,0.3" on the EDM grid, "80:1,1:0.5,0.01:0.3") or a JSON file.
+
+  Raises:
+    ValueError: with a one-line reason, for malformed specs and thresholds outside (0, 1].
+  """
+  schedule = parse_schedule(spec, value_type=float, what="threshold schedule",
+                            named={"auto": cifar10_flex_schedule, "cifar10": cifar10_flex_schedule})
+  check_thresholds(schedule)
+  return schedule
+
+
+def check_thresholds(schedule: SigmaSchedule) -> None:
+  """Raises ValueError unless every λ of `schedule` is a number in (0, 1]."""
+  bad = [v for v in schedule.values if not 0 < float(v) <= 1]
+  if bad:
+    raise ValueError(f"threshold {bad[0]} is outside (0, 1] (λ is a fraction of the sensitivity mass)")
+
+
+def threshold_schedule(thresholds: "SigmaSchedule | float | str | None") -> SigmaSchedule:
+  """A λ schedule from a SigmaSchedule, one number (every σ), a `parse_threshold_schedule` spec, or
+  None (the CIFAR-10 schedule, log metric)."""
+  if thresholds is None:
+    return cifar10_flex_schedule()
+  if isinstance(thresholds, str):
+    return parse_threshold_schedule(thresholds)
+  if not isinstance(thresholds, SigmaSchedule):
+    thresholds = SigmaSchedule((1.0,), (float(thresholds),))
+  check_thresholds(thresholds)
+  return thresholds
 
 
 def dispatch(schedule: SigmaSchedule, make_branch: Callable[[Any], Callable]) -> Callable:
@@ -162,14 +236,22 @@ def dispatch(schedule: SigmaSchedule, make_branch: Callable[[Any], Callable]) ->
     `denoise(z, sigma)` with z (B, H, W, C) and sigma a scalar or (B,).
   """
   values = schedule.distinct_values
-  branches = [make_branch(v) for v in values]
   branch_of_entry = np.asarray([values.index(v) for v in schedule.values])
+  return dispatch_indexed(lambda sigma: jnp.asarray(branch_of_entry)[schedule.index(sigma)],
+                          [make_branch(v) for v in values])
+
+
+def dispatch_indexed(branch_index: Callable[[jax.Array], jax.Array], branches: Sequence[Callable]
+                     ) -> Callable:
+  """`dispatch` with any per-sample branch choice: `branch_index(sigma (B,)) -> int (B,)` in
+  [0, len(branches)); each branch `denoise(z, sigma)` runs under `lax.cond` when a sample selects it."""
+  branches = list(branches)
 
   def denoise(z, sigma):
     sigma = images.sigma_per_sample(sigma, z.shape[0])
-    which = jnp.asarray(branch_of_entry)[schedule.index(sigma)]
     if len(branches) == 1:
       return branches[0](z, sigma)
+    which = branch_index(sigma)
     out = jnp.zeros(z.shape, jnp.float32)
     for j, branch in enumerate(branches):
       selected = (which == j)[:, None, None, None]
@@ -179,3 +261,29 @@ def dispatch(schedule: SigmaSchedule, make_branch: Callable[[Any], Callable]) ->
     return out
 
   return denoise
+
+
+def reachable_pairs(first: SigmaSchedule, second: SigmaSchedule) -> list[tuple[int, int]]:
+  """The pairs (first.index(σ), second.index(σ)) that some σ ≥ 0 selects, sorted.
+
+  Both schedules are piecewise constant between their boundaries, so every pair is seen at the grid
+  points, the boundaries, and just either side of each boundary. The indices are computed by the same
+  float32 `index` code as at run time, at each boundary and its 8 nearest float32 neighbours on either
+  side (where float32 rounding moves a switch), so a σ where both switch at once is covered too.
+  """
+  points = [np.asarray(first.sigmas), np.asarray(second.sigmas), [0.0]]
+  for bound in np.concatenate([first.boundaries(), second.boundaries()]):
+    near = [np.float32(bound)]
+    for direction in (np.float32(0), np.float32(np.inf)):
+      value = np.float32(bound)
+      for _ in range(8):
+        value = np.nextafter(value, direction)
+        near.append(value)
+    points.append(np.asarray(near, np.float64))
+  grid_max = max(max(first.sigmas), max(second.sigmas))
+  points.append([2.0 * grid_max])
+  sigma = np.concatenate([np.asarray(p, np.float64).ravel() for p in points]).astype(np.float32)
+  with jax.ensure_compile_time_eval():
+    a = np.asarray(first.index(sigma))
+    b = np.asarray(second.index(sigma))
+  return sorted(set(zip(a.tolist(), b.tolist())))

@@ -71,3 +71,34 @@ def test_dispatch_routes_each_sample_to_its_branch():
   z = jnp.ones((4, 2, 2, 1))
   out = jax.jit(denoise)(z, jnp.array([12.0, 0.9, 0.09, 10.0]))
   assert out[:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0, 1.0]
+
+
+def test_flex_threshold_schedules_parse_like_patch_schedules(tmp_path):
+  cifar = pj.parse_threshold_schedule("cifar10")
+  grid = np.asarray(pj.edm_sigmas(18))[:-1]
+  assert [cifar(s) for s in grid] == [float(v) for v in schedules.CIFAR10_FLEX_THRESHOLDS]
+  assert cifar == pj.cifar10_flex_schedule() and pj.parse_threshold_schedule("auto") == cifar
+  assert pj.parse_threshold_schedule("cifar10:linear").metric == "linear"
+  assert pj.parse_threshold_schedule("0.5")(80.0) == 0.5
+  pairs = pj.parse_threshold_schedule("80:1,1:0.5,0.01:0.3")
+  assert (pairs(50.0), pairs(1.2), pairs(0.002)) == (1.0, 0.5, 0.3)
+  assert pj.parse_threshold_schedule(",".join(map(str, schedules.CIFAR10_FLEX_THRESHOLDS))) == cifar
+  path = tmp_path / "lambda.json"
+  path.write_text(cifar.to_json())
+  assert pj.parse_threshold_schedule(str(path)) == cifar
+  assert schedules.threshold_schedule(0.7) == pj.SigmaSchedule((1.0,), (0.7,))
+  assert schedules.threshold_schedule(None) == cifar
+
+
+@pytest.mark.parametrize("spec,message", [("1.5", r"threshold 1.5 is outside \(0, 1\]"),
+                                          ("80:1,1:0", "threshold 0.0 is outside"),
+                                          ("0.5,x", "cannot parse threshold schedule")])
+def test_parse_threshold_schedule_rejects_bad_specs(spec, message):
+  with pytest.raises(ValueError, match=message):
+    pj.parse_threshold_schedule(spec)
+
+
+def test_boundaries_are_geometric_or_arithmetic_midpoints():
+  np.testing.assert_allclose(pj.SigmaSchedule((10.0, 0.1, 1.0), (1, 2, 3)).boundaries(),
+                             [np.sqrt(0.1), np.sqrt(10.0)])
+  np.testing.assert_allclose(pj.SigmaSchedule((10.0, 2.0), (1, 2), metric="linear").boundaries(), [6.0])

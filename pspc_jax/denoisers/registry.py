@@ -14,6 +14,7 @@ import jax
 
 from pspc_jax import schedules
 from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.flex import make_flex_denoiser
 from pspc_jax.denoisers.gaussian import gaussian_denoise, gaussian_stats
 from pspc_jax.denoisers.pspc import pspc_square_denoise
 
@@ -67,6 +68,28 @@ def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = 
   return schedules.dispatch(patch_schedule, make_branch)
 
 
+@register("pspc_flex")
+def _pspc_flex(data, *, heatmaps: str | None = None,
+               thresholds: schedules.SigmaSchedule | float | str = "cifar10",
+               chunk_size: int | None = None, method: str = "auto") -> Denoiser:
+  """`heatmaps`: a sensitivity-map .npz (`pspc_jax.sensitivity.save_maps`, e.g. from bin/sensitivity);
+  each sample uses the maps of the nearest σ of that file in log σ. `thresholds`: a λ SigmaSchedule, one
+  number, or a spec for `schedules.parse_threshold_schedule` (default: the paper's CIFAR-10 values)."""
+  if not heatmaps:
+    raise ValueError("the pspc_flex denoiser needs sensitivity maps (--heatmaps=FILE.npz, written by "
+                     "bin/sensitivity)")
+  # Imported here so that the other denoisers do not depend on the sensitivity module.
+  from pspc_jax.sensitivity import load_maps
+
+  maps = load_maps(heatmaps)
+  image = tuple(data.shape[1:3])
+  if tuple(maps.maps.shape[1:]) != image + image:
+    raise ValueError(f"{heatmaps}: maps of {tuple(maps.maps.shape[1:3])} images do not fit the "
+                     f"{image} training images")
+  return make_flex_denoiser(data, maps.sigmas, maps.maps, thresholds, chunk_size=chunk_size,
+                            method=method)
+
+
 @register("gaussian")
 def _gaussian(data, *, rank: int | None = None) -> Denoiser:
   stats = gaussian_stats(data, rank=rank)
@@ -91,4 +114,44 @@ def _network(data, *, checkpoint: str | None = None) -> Denoiser:
 
   def denoise(z, sigma):
     return apply(params, z, sigma)  # params stay an argument, not constants compiled into the graph
+  return denoise
+
+
+@register("els")
+def _els(data, *, patch_schedule: schedules.SigmaSchedule | int | str = "auto",
+         equivariant: bool = True, boundary: str = "zeros", chunk_size: int | None = None) -> Denoiser:
+  """Equivariant local score machine (Kamb & Ganguli; `els.els_denoise`). `patch_schedule`: a
+  SigmaSchedule, one odd patch size, or a spec for `els.parse_els_patch_schedule` ("auto": the PSPC
+  schedule rescaled to the image side and made odd, full image → 2·side − 1). `equivariant=False` gives
+  their LS machine; `boundary`: "zeros" (default) or "circular"."""
+  from pspc_jax.denoisers.els import els_denoise, parse_els_patch_schedule
+
+  if isinstance(patch_schedule, (int, str)):
+    patch_schedule = parse_els_patch_schedule(str(patch_schedule), max(data.shape[1], data.shape[2]))
+
+  def make_branch(patch_size):
+    def denoise(z, sigma):
+      return els_denoise(z, sigma, data, int(patch_size), equivariant=equivariant, boundary=boundary,
+                         chunk_size=chunk_size)
+    return denoise
+
+  return schedules.dispatch(patch_schedule, make_branch)
+
+
+@register("cfdm")
+def _cfdm(data, *, smoothing: float | None = None, num_noise: int | None = None, noise_seed: int = 0,
+          chunk_size: int | None = None) -> Denoiser:
+  """Smoothed closed-form diffusion model (Scarvelis et al.; `cfdm.cfdm_denoise`). `smoothing`: the
+  paper's smoothing parameter σ (default `cfdm.DEFAULT_SMOOTHING` = 0.3; 0 = the optimal empirical
+  denoiser); `num_noise`: fixed Monte-Carlo draws of the smoothing noise (default 8)."""
+  from pspc_jax.denoisers import cfdm
+
+  smoothing = cfdm.DEFAULT_SMOOTHING if smoothing is None else float(smoothing)
+  num_noise = cfdm.DEFAULT_NUM_NOISE if num_noise is None else int(num_noise)
+  if smoothing < 0:
+    raise ValueError(f"--smoothing must be non-negative, got {smoothing}")
+
+  def denoise(z, sigma):
+    return cfdm.cfdm_denoise(z, sigma, data, smoothing, num_noise=num_noise, noise_seed=noise_seed,
+                             chunk_size=chunk_size)
   return denoise
