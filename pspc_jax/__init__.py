@@ -11,9 +11,13 @@ Public API (all array functions are pure and `jax.jit`-compatible):
   sample, latents_from_seeds, seed_keys         PF-ODE samplers (Euler / Heun / churn)
   SigmaSchedule, cifar10_patch_schedule, ...    σ → patch size schedules
   make_denoiser, register, available_denoisers  denoisers by name
+  make_mesh, shard_dataset, sharded_denoiser    dataset sharded over devices/hosts (shard_map)
   sensitivity_maps, SensitivityMaps, ...        gradient sensitivity maps (Eq. 8), files, Fig. 3 sides
   make_network, edm_denoiser                    Flax DDPM++/NCSN++/DiT and their EDM-preconditioned D(z, σ)
   attribute, pixel_attribution, contributor_counts  attribution of samples to training images
+  tune_run, argmin_schedule, ErrorSurface       schedule tuning: s(σ), λ(σ) of least MSE to a reference
+  evaluate_run, compare_run, patch_posterior_means  denoiser-vs-denoiser MSE by σ (Fig. 2/4/6), sample
+                                                comparisons, memorisation (pspc_jax.evaluation)
 
 Checkpoints (`pspc_jax.checkpoints.load_network`), training (`pspc_jax.training`) and weight import
 (`pspc_jax.convert`) import orbax/optax and are left to their modules.
@@ -26,9 +30,12 @@ from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.els import els_denoise, ls_denoise
 from pspc_jax.denoisers.flex import flex_masks, make_flex_denoiser, pspc_flex_denoise
 from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise, gaussian_stats
-from pspc_jax.denoisers.pspc import pspc_denoise, pspc_square_denoise
+from pspc_jax.denoisers.pspc import patch_posterior_means, pspc_denoise, pspc_square_denoise
 from pspc_jax.denoisers.registry import available_denoisers, make_denoiser, register
+from pspc_jax.distributed import make_mesh, shard_dataset, sharded, sharded_denoiser
 from pspc_jax.edm import edm_preconditioning, edm_sigmas
+from pspc_jax.evaluation import (compare_run, evaluate_run, memorisation_stats, register_descriptor,
+                                 similarity_matrix)
 from pspc_jax.nets import make_network
 from pspc_jax.nets.precond import edm_denoiser
 from pspc_jax.sampling import Trajectory, latents_from_seeds, sample, seed_keys
@@ -37,5 +44,6 @@ from pspc_jax.schedules import (SigmaSchedule, cifar10_flex_schedule, cifar10_pa
                                 patch_schedule_for)
 from pspc_jax.sensitivity import (SensitivityMaps, load_maps, maps_for_sigma, save_maps,
                                   sensitivity_map, sensitivity_maps, square_capture_sides)
+from pspc_jax.tuning import ErrorSurface, argmin_schedule, tune_run
 
 __version__ = "0.1.0"

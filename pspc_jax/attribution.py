@@ -305,6 +305,20 @@ def _steps_of(path, sigmas) -> tuple[jax.Array, jax.Array, int]:
   return z, sigma, batch
 
 
+def step_mask(sigmas, sigma_range: tuple[float, float] | None = None):
+  """Which steps `attribute` averages: σ_t > 0 and lo ≤ σ_t ≤ hi for sigma_range (lo, hi).
+
+  Args:
+    sigmas: noise levels, NumPy or JAX (traced ones too).
+    sigma_range: (lo, hi), or None for every σ > 0.
+
+  Returns:
+    bool array of the shape (and kind) of `sigmas`.
+  """
+  lo, hi = sigma_range if sigma_range is not None else (0.0, math.inf)
+  return (sigmas > 0) & (sigmas >= lo) & (sigmas <= hi)
+
+
 def attribute(path, data: jax.Array, masks="auto", *, sigmas=None, k: int = 5,
               sigma_range: tuple[float, float] | None = None, with_totals: bool = True,
               chunk_size: int | None = None,
@@ -342,14 +356,13 @@ def attribute(path, data: jax.Array, masks="auto", *, sigmas=None, k: int = 5,
       masks = schedules.patch_schedule_for(min(data.shape[1], data.shape[2]))
   lo, hi = sigma_range if sigma_range is not None else (0.0, math.inf)
   if _is_concrete(sigma):
-    keep = np.flatnonzero((np.asarray(sigma) > 0) & (np.asarray(sigma) >= lo)
-                          & (np.asarray(sigma) <= hi))
+    keep = np.flatnonzero(step_mask(np.asarray(sigma), (lo, hi)))
     if keep.size == 0:
       raise ValueError(f"no step has 0 < σ and {lo} ≤ σ ≤ {hi}")
     z, sigma = z[keep], sigma[keep]
     step_weight = jnp.full((keep.size,), 1.0 / keep.size, jnp.float32)
   else:
-    selected = ((sigma > 0) & (sigma >= lo) & (sigma <= hi)).astype(jnp.float32)
+    selected = step_mask(sigma, (lo, hi)).astype(jnp.float32)
     step_weight = selected / jnp.maximum(jnp.sum(selected), 1.0)
   steps = z.shape[0]
   # Queries are step-major: query t·B + b is sample b at step t.

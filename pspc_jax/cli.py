@@ -10,6 +10,24 @@ from typing import Callable
 from absl import app, flags
 
 from pspc_jax import data as data_lib
+from pspc_jax import distributed
+from pspc_jax.denoisers import cfdm
+from pspc_jax.denoisers.registry import available_denoisers
+from pspc_jax.sampling import SOLVERS
+
+# Flags defined by the define_* helpers below belong to the calling script, so they show in its --help.
+flags.disclaim_key_flags()
+
+# The options each registry denoiser takes from `define_denoiser_flags` (flag name = option name); a
+# denoiser not listed takes none.
+_FLAG_OPTIONS = {
+    "pspc_square": ("patch_schedule",),
+    "els": ("patch_schedule",),
+    "pspc_flex": ("heatmaps", "thresholds"),
+    "cfdm": ("smoothing",),
+    "gaussian": ("rank",),
+    "network": ("checkpoint",),
+}
 
 
 def define_dataset_flags() -> None:
@@ -18,6 +36,86 @@ def define_dataset_flags() -> None:
                       "zip/folder, image folder, cifar-10-python.tar.gz, .npz or .npy")
   flags.DEFINE_integer("max_images", None, "use only the first N training images (before flips)")
   flags.DEFINE_bool("flip", False, "add horizontal mirrors of every training image")
+
+
+def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one of: ", *,
+                          flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines, once per script, the option flags of every registry denoiser (see `denoiser_options`).
+
+  Args:
+    denoiser: when given, also defines `--denoiser` with this default; its help lists the registry.
+    help_prefix: what `--denoiser` is for, put before that list.
+    flag_values: where to define them (tests pass their own `flags.FlagValues()`).
+  """
+  fv = {"flag_values": flag_values}
+  if denoiser is not None:
+    flags.DEFINE_string("denoiser", denoiser, f"{help_prefix}{', '.join(available_denoisers())}", **fv)
+  flags.DEFINE_string("patch_schedule", "auto",
+                      "pspc_square and els: patch sizes by σ: 'auto' (the CIFAR-10 schedule rescaled "
+                      "to the image side; els: made odd, full image → 2·side−1), 'cifar10', an "
+                      "integer, a comma list on the EDM grid, 'sigma:size' pairs or a JSON file "
+                      "(bin/attribute: also the PSPC-Square patch sizes of the attribution)", **fv)
+  flags.DEFINE_string("heatmaps", None,
+                      "pspc_flex: sensitivity maps .npz (bin/sensitivity); each σ uses the nearest "
+                      "map σ", **fv)
+  flags.DEFINE_string("thresholds", "cifar10",
+                      "pspc_flex: mass thresholds λ(σ) in (0, 1]: 'cifar10' (the paper's), a number, "
+                      "a comma list on the EDM grid, 'sigma:value' pairs or a JSON file", **fv)
+  flags.DEFINE_float("smoothing", None,
+                     f"cfdm: the paper's smoothing parameter σ (default {cfdm.DEFAULT_SMOOTHING:g}; "
+                     "0 = the empirical denoiser)", **fv)
+  flags.DEFINE_integer("rank", None, "gaussian: keep the top-rank eigenpairs of the covariance", **fv)
+  flags.DEFINE_string("checkpoint", None, "network: a bin/train workdir or a checkpoint folder", **fv)
+
+
+def define_device_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines `--devices` (the device mesh of the sharded denoisers) and `--multihost`."""
+  flags.DEFINE_string("devices", None,
+                      "shard the training set over devices (empirical, pspc_square, pspc_flex): "
+                      "unset = one device, 'all', a device count, or DATAxBATCH such as '4x2' (data "
+                      "shards × query-batch shards)", flag_values=flag_values)
+  flags.DEFINE_bool("multihost", False,
+                    "join a multi-host run first (jax.distributed.initialize; JAX_COORDINATOR_ADDRESS, "
+                    "JAX_NUM_PROCESSES, JAX_PROCESS_ID or the cluster's own variables)",
+                    flag_values=flag_values)
+
+
+def mesh_from_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Joins the multi-host run if `--multihost`, then the mesh of `--devices` (None: one device)."""
+  if flag_values.multihost:
+    distributed.initialize()
+  return distributed.mesh_from_spec(flag_values.devices)
+
+
+def denoiser_options(name: str, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+  """The builder options of registry denoiser `name` (`make_denoiser(name, data, **options)`) from the
+  flags of `define_denoiser_flags`: e.g. {"patch_schedule": "auto"} for pspc_square, {} for empirical.
+
+  Raises:
+    ValueError: `name` is not a registered denoiser.
+  """
+  if name not in available_denoisers():
+    raise ValueError(f"unknown --denoiser={name!r}; choose one of {', '.join(available_denoisers())}")
+  return {option: flag_values[option].value for option in _FLAG_OPTIONS.get(name, ())}
+
+
+def define_sampler_flags(num_samples: int) -> None:
+  """Defines the PF-ODE sampler flags --num_samples (default `num_samples`), --seeds, --steps and
+  --solver; with `define_denoiser_flags(denoiser=...)` they make `sampler_from_flags`."""
+  flags.DEFINE_integer("num_samples", num_samples,
+                       "number of samples (seeds 0 … n−1) when --seeds is not set")
+  flags.DEFINE_string("seeds", None,
+                      "seeds, e.g. '0-15' or '3,7,11'; image k depends only on its seed")
+  flags.DEFINE_integer("steps", 18, "EDM grid steps (σ 80 → 0.002, then 0)")
+  flags.DEFINE_enum("solver", "heun", list(SOLVERS), "PF-ODE solver")
+
+
+def sampler_from_flags() -> dict:
+  """{"denoiser", "options", "seeds", "steps", "solver"} from the flags of `define_sampler_flags` and
+  `define_denoiser_flags`: the keyword arguments of `runs.sample_run` / `runs.attribute_run`."""
+  f = flags.FLAGS
+  return {"denoiser": f.denoiser, "options": denoiser_options(f.denoiser),
+          "seeds": parse_seeds(f.seeds, f.num_samples), "steps": f.steps, "solver": f.solver}
 
 
 def load_dataset_from_flags() -> data_lib.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import IO, Iterator
@@ -39,3 +40,9 @@ def save_npz(path: str | os.PathLike, **arrays) -> None:
   """`np.savez(path, **arrays)`, atomically."""
   with atomic_write(path) as f:
     np.savez(f, **arrays)
+
+
+def save_json(path: str | os.PathLike, value) -> None:
+  """`json.dump(value, f, indent=1)` into `path`, atomically."""
+  with atomic_write(path, "w") as f:
+    json.dump(value, f, indent=1)

@@ -213,3 +213,230 @@ def save_attribution_figure(path, samples: np.ndarray, which: np.ndarray, streng
   fig.tight_layout()
   fig.savefig(path, dpi=150)
   plt.close(fig)
+
+
+def save_tuning_figure(path, sigmas: Sequence[float],
+                       surfaces: Mapping[str, tuple[Sequence, np.ndarray]],
+                       compare: Mapping[str, tuple[str, Sequence]] | None = None,
+                       title: str = "") -> None:
+  """Error surfaces of schedule tuning (`pspc_jax.tuning`): one heatmap per surface, log σ × value.
+
+  Each heatmap cell is log10(MSE / least MSE at that σ), so every column has its argmin at 0 (marked
+  with a white dot) whatever the overall scale (colours saturate at 3 decades); unavailable
+  (infinite) cells are blank. A bottom
+  panel shows the least MSE per σ of every surface (log-log). Candidate values sit on evenly spaced
+  rows (a categorical axis); comparison schedules are drawn as lines, interpolated between rows.
+
+  Args:
+    path: output PNG.
+    sigmas: (S,) grid noise levels > 0.
+    surfaces: {label: (values (M,), mse (S, M))}, e.g. {"PSPC-Square patch size": (sizes, mse)}.
+    compare: {label of a surface: (name, (S,) schedule values at the grid σ)} drawn over it.
+    title: figure title.
+  """
+  sigmas = np.asarray(sigmas, np.float64)
+  order = np.argsort(sigmas)
+  grid = sigmas[order]
+  log_grid = np.log(grid)
+  if len(grid) > 1:
+    mids = 0.5 * (log_grid[:-1] + log_grid[1:])
+    edges = np.exp(np.concatenate([[2 * log_grid[0] - mids[0]], mids, [2 * log_grid[-1] - mids[-1]]]))
+  else:
+    edges = grid[0] * np.array([0.8, 1.25])
+  compare = compare or {}
+  names = list(surfaces)
+  fig, axes = plt.subplots(len(names) + 1, 1, figsize=(7.0, 2.6 * len(names) + 2.2), squeeze=False,
+                           gridspec_kw={"height_ratios": [1.0] * len(names) + [0.8]})
+  axes = axes[:, 0]
+  bottom = axes[-1]
+  for ax, name in zip(axes, names):
+    values, mse = surfaces[name]
+    values = list(values)
+    mse = np.asarray(mse, np.float64)[order]
+    finite = np.isfinite(mse)
+    best = np.min(np.where(finite, mse, np.inf), axis=1)
+    floor = np.maximum(best, 1e-30)[:, None]
+    ratio = np.where(finite, np.log10(np.maximum(mse, 1e-30) / floor), np.nan)
+    top = float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 1.0
+    mesh = ax.pcolormesh(edges, np.arange(len(values) + 1) - 0.5, ratio.T, cmap="viridis_r",
+                         vmin=0.0, vmax=float(np.clip(top, 0.5, 3.0)), shading="flat")
+    fig.colorbar(mesh, ax=ax, pad=0.01, label="log10(MSE / best)", extend="max" if top > 3 else
+                 "neither")
+    argmin = np.argmin(np.where(finite, mse, np.inf), axis=1)
+    ax.plot(grid, argmin, "o", color="white", markeredgecolor="black", markersize=5,
+            label="argmin (tuned)")
+    if name in compare:
+      label, other = compare[name]
+      other = np.asarray(other, np.float64)[order]
+      numeric = np.asarray(values, np.float64)
+      rank = np.argsort(numeric)
+      ax.plot(grid, np.interp(other, numeric[rank], np.arange(len(values))[rank]), "s--",
+              color="tab:red", markersize=3, linewidth=1, label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_yticks(range(len(values)))
+    ax.set_yticklabels([f"{v:g}" for v in values], fontsize=7)
+    ax.set_ylabel(name, fontsize=8)
+    if not finite.all():
+      ax.set_title("blank: candidate unavailable (a pixel in no mask)", fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", framealpha=0.7)
+    bottom.plot(grid, np.where(np.isfinite(best), best, np.nan), marker="o", markersize=3,
+                label=f"best {name}")
+  bottom.set_xscale("log")
+  bottom.set_yscale("log")
+  bottom.set_xlim(edges[0], edges[-1])
+  bottom.set_xlabel("σ")
+  bottom.set_ylabel("least MSE", fontsize=8)
+  bottom.grid(alpha=0.3)
+  bottom.legend(fontsize=6)
+  for ax in axes[:-1]:
+    ax.set_xlabel("σ", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def _sets_in(rows) -> list[str]:
+  order = ("forward", "reverse")
+  present = {row["set"] for row in rows}
+  return [s for s in order if s in present] + sorted(present - set(order))
+
+
+def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("network", "empirical"),
+                  title: str = "") -> None:
+  """MSE between denoisers vs σ (log-log), one panel per evaluation set (paper Fig. 2/6).
+
+  Each curve is one denoiser against one reference: solid against the first reference present in the
+  rows (the network), dashed against the second (the optimal empirical denoiser), dotted against
+  further ones; a denoiser has one colour in every panel. A pair of two references is drawn once.
+
+  Args:
+    path: output PNG.
+    rows: table rows with keys sigma, set, denoiser_a, denoiser_b, mse
+      (`pspc_jax.evaluation.evaluate_run`).
+    references: the denoisers the others are compared with, in order of preference.
+    title: figure title.
+  """
+  rows = list(rows)
+  sets = _sets_in(rows) or ["forward"]
+  names = list(dict.fromkeys(n for row in rows for n in (row["denoiser_a"], row["denoiser_b"])))
+  present = [r for r in references if r in names]
+  colours = {name: plt.get_cmap("tab10")(k % 10) for k, name in enumerate(names)}
+  styles = ["-", "--", ":"]
+  fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 3.6), squeeze=False)
+  for ax, set_name in zip(axes[0], sets):
+    for r_index, ref in enumerate(present):
+      for name in names:
+        if name == ref or (name in present and present.index(name) < r_index):
+          continue
+        points = sorted((row["sigma"], row["mse"]) for row in rows if row["set"] == set_name
+                        and {row["denoiser_a"], row["denoiser_b"]} == {name, ref})
+        points = [(s, m) for s, m in points if m > 0]
+        if points:
+          s, m = zip(*points)
+          ax.plot(s, m, styles[min(r_index, 2)], color=colours[name], marker="o", markersize=2.5,
+                  linewidth=1.2, label=f"{name} vs {ref}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("σ")
+    ax.set_ylabel("MSE (per pixel, [-1, 1] units)")
+    ax.set_title(f"{set_name} set", fontsize=9)
+    ax.grid(alpha=0.3, which="both", linewidth=0.4)
+    ax.legend(fontsize=6)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "") -> None:
+  """Patch posterior mean MSE vs σ (log-log), one curve per patch size, one panel per set (Fig. 4).
+
+  Args:
+    path: output PNG.
+    rows: rows with keys sigma, set, patch_size, target, mse (`evaluate_run`'s patch_mse table).
+    title: figure title.
+  """
+  rows = list(rows)
+  sets = _sets_in(rows) or ["forward"]
+  sizes = sorted({row["patch_size"] for row in rows})
+  cmap = plt.get_cmap("viridis")
+  fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 3.6), squeeze=False)
+  for ax, set_name in zip(axes[0], sets):
+    targets = sorted({row["target"] for row in rows if row["set"] == set_name})
+    for k, size in enumerate(sizes):
+      points = sorted((row["sigma"], row["mse"]) for row in rows
+                      if row["set"] == set_name and row["patch_size"] == size and row["mse"] > 0)
+      if points:
+        s, m = zip(*points)
+        ax.plot(s, m, color=cmap(k / max(1, len(sizes) - 1)), marker="o", markersize=2.5,
+                linewidth=1.2, label=f"{size}×{size}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("σ")
+    ax.set_ylabel("patch MSE")
+    ax.set_title(f"{set_name} set: patch posterior means vs {', '.join(targets)}", fontsize=8)
+    ax.grid(alpha=0.3, which="both", linewidth=0.4)
+    ax.legend(fontsize=6, title="patch", title_fontsize=6)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def save_trajectory_figure(path, rows: Mapping[str, np.ndarray], column_titles: Sequence[str],
+                           title: str = "") -> None:
+  """Images along sampler trajectories (paper Fig. 8): one row per entry, columns = steps.
+
+  Args:
+    path: output PNG.
+    rows: {label: (T, H, W, C) [-1, 1] images}, e.g. "pspc_square: z" and "pspc_square: D(z)".
+    column_titles: T titles (e.g. the σ of each step).
+    title: figure title.
+  """
+  names = list(rows)
+  count = len(column_titles)
+  fig, axes = plt.subplots(len(names), count, figsize=(0.95 * count + 1.4, 1.0 * len(names) + 0.5),
+                           squeeze=False)
+  for r, name in enumerate(names):
+    for c in range(count):
+      _show(axes[r, c], np.clip(rows[name][c], -1, 1), column_titles[c] if r == 0 else "")
+    axes[r, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def save_similarity_matrix(path, names: Sequence[str], matrix: np.ndarray, title: str = "") -> None:
+  """A similarity matrix between denoisers as an annotated heat map.
+
+  Args:
+    path: output PNG.
+    names: K row/column labels.
+    matrix: (K, K) similarities.
+    title: figure title.
+  """
+  matrix = np.asarray(matrix, np.float64)
+  size = 1.0 + 0.75 * len(names)
+  fig, ax = plt.subplots(figsize=(size + 1.2, size))
+  image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+  ax.set_yticks(range(len(names)))
+  ax.set_yticklabels(names, fontsize=7)
+  for i in range(len(names)):
+    for j in range(len(names)):
+      ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+              color="white" if matrix[i, j] < 0.6 else "black")
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  if title:
+    ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)

@@ -134,8 +134,16 @@ class SoftminStats(NamedTuple):
     """The state of an empty stream (min_dist = +inf, total 0)."""
     return cls(jnp.full(shape, jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
 
-  def add(self, dists: jax.Array, scale: jax.Array, axis: int):
+  def add(self, dists: jax.Array, scale: jax.Array, axis: int, *, may_be_empty: bool = False):
     """Merges a chunk of distances along its dataset axis `axis`.
+
+    Args:
+      dists: the chunk's distances; +inf marks a padding row (weight exactly 0).
+      scale: −1/(2σ²), broadcasting against the state.
+      axis: the dataset axis of `dists`.
+      may_be_empty: set when a whole chunk, and the stream so far, may be padding (+inf): the state then
+        stays empty (min +inf, total 0) instead of turning NaN (inf − inf). Without padding the results
+        are the same bits either way; the flag only adds a select on the state.
 
     Returns:
       (new_state, weights, rescale): weights = exp((dists − new min) · scale), shaped like `dists`, and
@@ -143,9 +151,11 @@ class SoftminStats(NamedTuple):
       must be multiplied before adding Σ weights · values of this chunk.
     """
     new_min = jnp.minimum(self.min_dist, jnp.min(dists, axis=axis))
-    weights = self.weights(dists, new_min, scale, axis)
+    # An empty stream (min +inf) is rescaled against 0 instead: weights exp(−inf) = 0, rescale 0.
+    reference = jnp.where(new_min < jnp.inf, new_min, 0.0) if may_be_empty else new_min
+    weights = self.weights(dists, reference, scale, axis)
     # (inf − finite) · negative scale = −inf → rescale 0 for the empty initial state.
-    rescale = jnp.exp((self.min_dist - new_min) * scale)
+    rescale = jnp.exp((self.min_dist - reference) * scale)
     return SoftminStats(new_min, self.total * rescale + jnp.sum(weights, axis=axis)), weights, rescale
 
   @staticmethod
@@ -155,11 +165,72 @@ class SoftminStats(NamedTuple):
     return jnp.exp(gap * jnp.expand_dims(scale, axis))
 
   def merge_across(self, scale: jax.Array, axis_name) -> "SoftminStats":
-    """Merges the states held by the devices of mesh axis `axis_name` (inside `jax.shard_map`)."""
+    """Merges the states held by the devices of mesh axis `axis_name` (inside `jax.shard_map`).
+
+    The flash-attention rule across devices: the global minimum (pmin), then the sum (psum) of every
+    device's total rescaled by exp((own min − global min) · scale) ≤ 1. Every device of the axis gets
+    the global state. A device that saw only padding (min +inf, total 0) contributes exp(−inf)·0 = 0.
+    """
+    return self.merge_values_across(scale, axis_name)[0]
+
+  def merge_values_across(self, scale: jax.Array, axis_name, values=None):
+    """`merge_across`, also merging running numerators `values` (a pytree of arrays whose leading
+    axes are the state's shape) with the same per-device rescale, as a single-pass softmax needs.
+
+    Returns:
+      (global state, psum of values · rescale) — the values `None` when none are given.
+    """
     new_min = lax.pmin(self.min_dist, axis_name)
     rescale = jnp.exp((self.min_dist - new_min) * scale)
-    return SoftminStats(new_min, lax.psum(self.total * rescale, axis_name))
+    merged = SoftminStats(new_min, lax.psum(self.total * rescale, axis_name))
+    if values is None:
+      return merged, None
+
+    def merge(value):
+      factor = rescale.reshape(rescale.shape + (1,) * (value.ndim - rescale.ndim))
+      return lax.psum(value * factor, axis_name)
+
+    return merged, jax.tree_util.tree_map(merge, values)
 
   def log_normaliser(self, scale: jax.Array) -> jax.Array:
     """log Σ_i exp(d_i · scale)."""
     return self.min_dist * scale + jnp.log(self.total)
+
+
+def shard_valid_rows(local_rows: int, axis_name=None, valid_rows: int | None = None):
+  """How many rows of this device's dataset shard are real, or None when none is padding.
+
+  The global dataset of `local_rows · shards` rows is split into equal consecutive shards along mesh
+  axis `axis_name` (None: one shard, the whole array), and rows from `valid_rows` on are padding
+  (`pspc_jax.distributed.shard_dataset` pads at the end). Decided statically where possible: no
+  padding at all gives None, and the denoisers then run exactly their unpadded code.
+
+  Returns:
+    None, or a traced int32 scalar in [0, local_rows] (0 for a shard of padding only).
+
+  Raises:
+    ValueError: `valid_rows` < 1 or larger than the global row count.
+  """
+  if valid_rows is None:
+    return None
+  shards = 1 if axis_name is None else int(lax.axis_size(axis_name))
+  total = local_rows * shards
+  valid_rows = int(valid_rows)
+  if not 1 <= valid_rows <= total:
+    raise ValueError(f"valid_rows={valid_rows} must be between 1 and the {total} rows of the "
+                     f"(padded) dataset")
+  if valid_rows == total:
+    return None
+  index = 0 if axis_name is None else lax.axis_index(axis_name)
+  return jnp.clip(valid_rows - index * local_rows, 0, local_rows).astype(jnp.int32)
+
+
+def mask_padding(dists: jax.Array, offset, local_valid, axis: int) -> jax.Array:
+  """`dists` with the chunk rows at or after `local_valid` (row offset + i along `axis`) set to +inf,
+  so that they get weight exactly 0 whatever σ (`SoftminStats.add(..., may_be_empty=True)`)."""
+  if local_valid is None:
+    return dists
+  rows = offset + lax.broadcasted_iota(jnp.int32, (dists.shape[axis],), 0)
+  shape = [1] * dists.ndim
+  shape[axis] = dists.shape[axis]
+  return jnp.where((rows < local_valid).reshape(shape), dists, jnp.inf)

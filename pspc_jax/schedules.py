@@ -98,7 +98,8 @@ class SigmaSchedule:
 
 def on_edm_grid(values: Sequence, metric: str = "log") -> SigmaSchedule:
   """A schedule with one value per σ of the len(values)-step EDM grid (σ_max 80 … σ_min 0.002)."""
-  grid = np.asarray(edm_sigmas(len(values)))[:-1]
+  with jax.ensure_compile_time_eval():  # concrete even when a schedule is built inside a trace
+    grid = np.asarray(edm_sigmas(len(values)))[:-1]
   return SigmaSchedule(tuple(float(s) for s in grid), tuple(values), metric)
 
 

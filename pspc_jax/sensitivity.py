@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pspc_jax.files import save_npz
+from pspc_jax.files import save_json, save_npz
 from pspc_jax.images import to_model_range
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -541,8 +541,7 @@ def sensitivity_run(denoise: Denoiser, data, sigmas: Sequence[float], *, out: st
   capture = {"sigmas": result.sigmas.tolist(), "fractions": list(map(float, fractions)),
              "capture_pixel": None if capture_pixel is None else list(capture_pixel),
              "sides": sides.tolist()}
-  with open(stem + "_capture.json", "w") as f:
-    json.dump(capture, f, indent=1)
+  save_json(stem + "_capture.json", capture)
   return {"out": out, "heatmaps": heatmap_path if pixels else None, "capture": capture_path,
           "computed": len(todo), "reused": reused, "seconds": time.perf_counter() - start,
           "sides": sides}

@@ -207,6 +207,27 @@ def test_bin_attribute_end_to_end_on_digits(tmp_path):
   assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "k" in bad.stderr
 
 
+def test_bin_attribute_from_a_sample_run(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = tmp_path / "run"
+  sampled = subprocess.run([sys.executable, os.path.join(REPO, "bin", "sample"), "--denoiser=gaussian",
+                            "--seeds=3-4", "--steps=3", "--max_images=300", f"--outdir={run}"],
+                           capture_output=True, text=True, env=env, timeout=300)
+  assert sampled.returncode == 0, sampled.stderr
+  result = run_tool(f"--from_run={run}", "--max_images=300", "--k=2", "--show=2",
+                    f"--outdir={tmp_path / 'a'}")
+  assert result.returncode == 0, result.stderr
+  gap = float(result.stdout.split("samples.npz by at most ")[1].split()[0])
+  assert gap < 1e-3  # the same denoiser, seeds, steps and solver re-create the samples
+  with np.load(tmp_path / "a" / "attribution.npz") as saved, np.load(run / "samples.npz") as sample:
+    assert saved["seeds"].tolist() == [3, 4] and saved["indices"].shape == (2, 8, 8, 2)
+    assert len(saved["sigmas"]) == 3  # the 3-step grid without its final 0
+    np.testing.assert_allclose(saved["samples"], sample["samples"], atol=1e-3)
+  assert json.loads((tmp_path / "a" / "attribution.json").read_text())["denoiser"] == "gaussian"
+  other = run_tool(f"--from_run={run}", "--max_images=200", f"--outdir={tmp_path / 'b'}")
+  assert other.returncode == 2 and "was sampled on 300 images" in other.stderr
+
+
 def test_dominance_helpers_for_figures():
   indices = np.asarray([[[3, 1], [3, 2]], [[7, 3], [1, 3]]])  # (2, 2, k=2)
   weights = np.asarray([[[0.6, 0.4], [0.5, 0.5]], [[0.9, 0.1], [0.8, 0.2]]])

@@ -1,5 +1,7 @@
-"""End-to-end runs of bin/sample and bin/denoise on the embedded digits, and their refusals."""
+"""End-to-end runs of bin/sample and bin/denoise on the embedded digits, their refusals, and the shared
+denoiser flags of pspc_jax.cli."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -7,6 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
+
+from pspc_jax import cli
+from pspc_jax.denoisers import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,3 +100,37 @@ def test_sample_refuses_bad_datasets(tmp_path):
     result = run_tool("sample", f"--dataset={path}", "--steps=2", f"--outdir={tmp_path / 'o'}")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert str(path.name) in result.stderr.strip().splitlines()[-1]
+
+
+def test_denoiser_options_from_the_shared_flags():
+  flag_values = flags.FlagValues()
+  cli.define_denoiser_flags(denoiser="gaussian", flag_values=flag_values)
+  flag_values(["prog", "--rank=3", "--heatmaps=maps.npz", "--thresholds=0.5", "--smoothing=0.1"])
+  assert flag_values.denoiser == "gaussian"
+  assert cli.denoiser_options("gaussian", flag_values) == {"rank": 3}
+  assert cli.denoiser_options("pspc_square", flag_values) == {"patch_schedule": "auto"}
+  assert cli.denoiser_options("els", flag_values) == {"patch_schedule": "auto"}
+  assert cli.denoiser_options("pspc_flex", flag_values) == {"heatmaps": "maps.npz",
+                                                            "thresholds": "0.5"}
+  assert cli.denoiser_options("cfdm", flag_values) == {"smoothing": 0.1}
+  assert cli.denoiser_options("network", flag_values) == {"checkpoint": None}
+  assert cli.denoiser_options("empirical", flag_values) == {}
+  with pytest.raises(ValueError, match="unknown --denoiser='magic'; choose one of"):
+    cli.denoiser_options("magic", flag_values)
+  # Every option is a keyword its builder takes, with the builder's default as the flag default.
+  defaults = flags.FlagValues()
+  cli.define_denoiser_flags(flag_values=defaults)
+  defaults(["prog"])
+  assert "denoiser" not in defaults
+  for name in registry.available_denoisers():
+    parameters = inspect.signature(registry._BUILDERS[name]).parameters
+    for option, value in cli.denoiser_options(name, defaults).items():
+      assert parameters[option].default == value, (name, option)
+
+
+@pytest.mark.parametrize("tool", ["attribute", "sensitivity"])
+def test_tools_share_the_denoiser_flags_and_refusal(tmp_path, tool):
+  result = run_tool(tool, "--denoiser=magic", "--smoothing=0.2", "--thresholds=0.5",
+                    f"--outdir={tmp_path}" if tool == "attribute" else f"--out={tmp_path / 'm.npz'}")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.strip().count("\n") == 0 and "unknown --denoiser='magic'" in result.stderr

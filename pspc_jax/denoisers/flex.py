@@ -111,7 +111,8 @@ def flex_mask_set(maps_for_sigma, threshold, method: str = "auto"):
 
 
 def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, threshold, *,
-                      chunk_size: int | None = None, method: str = "auto") -> jax.Array:
+                      chunk_size: int | None = None, method: str = "auto", axis_name=None,
+                      valid_rows: int | None = None) -> jax.Array:
   """PSPC-Flex at one set of sensitivity maps and one threshold (Eq. 11 over the Flex masks).
 
   The maps belong to one noise level; `sigma` may still be per sample (the posterior weights use each
@@ -128,6 +129,8 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
     method: "auto" (padded gathers when the maps and λ are concrete, see `flex_mask_set`), "gather" or
       "matmul" (the dense 0/1 mask matrix, also used whenever the maps or λ are traced). The methods
       differ in speed only (float32 rounding aside).
+    axis_name, valid_rows: dataset sharded over a mesh axis inside `jax.shard_map`, and padding rows
+      (see `pspc.composite_denoise`); None: one device, no padding.
 
   Returns:
     (B, H, W, C) float32 denoised images.
@@ -143,9 +146,10 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
     raise ValueError(f"maps must have shape {image + image} (H, W, H, W) for {image} images, got "
                      f"{tuple(np.shape(maps))}")
   masks = flex_mask_set(maps, threshold, method)
+  shards = dict(axis_name=axis_name, valid_rows=valid_rows)
   if masks is None:
-    return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
-  return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size)
+    return empirical_denoise(z, sigma, data, chunk_size=chunk_size, **shards)
+  return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size, **shards)
 
 
 def check_maps(sigmas, maps, image_shape) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +173,8 @@ def check_maps(sigmas, maps, image_shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_flex_denoiser(data: jax.Array, sigmas, maps, thresholds=None, *, metric: str = "log",
-                       chunk_size: int | None = None, method: str = "auto"
+                       chunk_size: int | None = None, method: str = "auto", axis_name=None,
+                       valid_rows: int | None = None
                        ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """PSPC-Flex with σ-dependent maps and thresholds: `denoise(z, sigma)` for batches mixing σ.
 
@@ -190,6 +195,8 @@ def make_flex_denoiser(data: jax.Array, sigmas, maps, thresholds=None, *, metric
     metric: "log" or "linear": how the nearest σ of the maps grid is chosen.
     chunk_size: dataset rows per streamed chunk.
     method: mask form of every branch (see `pspc_flex_denoise`).
+    axis_name, valid_rows: `data` is this device's shard inside `jax.shard_map` (see
+      `pspc.composite_denoise`); None: one device, no padding.
 
   Returns:
     A pure `denoise(z, sigma)`: z (B, H, W, C), sigma a scalar or (B,); `jax.jit`-compatible.
@@ -220,14 +227,16 @@ def make_flex_denoiser(data: jax.Array, sigmas, maps, thresholds=None, *, metric
       nearest = min(reachable, key=lambda r: abs(log_grid[r] - log_grid[j]))
       table[k, j] = keys.index(key((k, j if j in reachable else nearest)))
 
+  shards = dict(axis_name=axis_name, valid_rows=valid_rows)
+
   def make_branch(branch_key):
     if branch_key == ("full",):
-      return lambda z, sigma: empirical_denoise(z, sigma, data, chunk_size=chunk_size)
+      return lambda z, sigma: empirical_denoise(z, sigma, data, chunk_size=chunk_size, **shards)
     k, lam = branch_key
     masks = flex_mask_set(maps[k], lam, method)
 
     def denoise(z, sigma):
-      return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size)
+      return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size, **shards)
     return denoise
 
   branches = [make_branch(k) for k in keys]

@@ -30,6 +30,13 @@ running minimum after chunk k, as returned by `SoftminStats.add`). Up to `cache_
 (the first chunks; the rest are recomputed), and pass 2 uses w = u · exp((m_k − m)·scale) / total, which
 is the SoftminStats merge rule: both exponents are ≤ 0, the nearest patch still gets exactly 1·1, and
 pass 2 sees pass 1's own numbers. The budget bounds the memory whatever N is.
+
+Sharded datasets (DESIGN §3, `pspc_jax.distributed`). Inside `jax.shard_map`, with `axis_name` the mesh
+axis over which the dataset is sharded, each device runs both passes over its own shard; pass 1's
+per-mask states are merged across the axis (`SoftminStats.merge_across`: pmin, then psum of the rescaled
+totals), so every device normalises pass 2 with the global (min, total), and pass 2's per-device
+numerators are summed with one psum. Padding rows (global row ≥ `valid_rows`) get distance +inf after
+the window sums, i.e. weight exactly 0 at every σ.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ from jax import lax
 from pspc_jax import images
 from pspc_jax.denoisers.empirical import default_chunk_size, empirical_denoise, logit_scale
 from pspc_jax.denoisers.masks import PixelMasks, SquareWindows, pixel_sq_dists, pixel_sq_dists_major
-from pspc_jax.reduce import SoftminStats, fold_chunks, scan_chunks
+from pspc_jax.reduce import (SoftminStats, fold_chunks, mask_padding, scan_chunks,
+                             shard_valid_rows)
 
 # Default memory budget of the pass-1 weights cache (bytes); `cache_bytes=0` disables it.
 DEFAULT_CACHE_BYTES = 256 << 20
@@ -67,7 +75,8 @@ def pixel_major_chunk_size(batch_size: int, height: int, width: int) -> int:
 
 
 def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
-                      chunk_size: int | None = None, cache_bytes: int | None = None) -> jax.Array:
+                      chunk_size: int | None = None, cache_bytes: int | None = None,
+                      axis_name=None, valid_rows: int | None = None) -> jax.Array:
   """PSPC composite (Eq. 11) for any mask set with `sums`, `spread`, `coverage`, `mask_shape`.
 
   Mask sets that also have `sums_major` / `spread_major` (`SquareWindows`, `PixelMasks`) take the fast
@@ -82,13 +91,17 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
     cache_bytes: memory budget of the pass-1 weights cache (default `DEFAULT_CACHE_BYTES`; 0 disables
       it). Used only when there are few masks compared with pixels; changes speed and memory, not the
       result beyond float32 rounding.
+    axis_name: inside `jax.shard_map`, the mesh axis (or axes) of the dataset shards; `data` is then
+      this device's shard (see the module docstring). None: one device.
+    valid_rows: the number of real rows of the global dataset; later rows are padding. None: none.
 
   Returns:
     (B, H, W, C) float32.
   """
   images.check_query_and_data(z, data)
   if not (hasattr(masks, "sums_major") and hasattr(masks, "spread_major")):
-    return _composite_denoise_generic(z, sigma, data, masks, chunk_size=chunk_size)
+    return _composite_denoise_generic(z, sigma, data, masks, chunk_size=chunk_size,
+                                      axis_name=axis_name, valid_rows=valid_rows)
   batch, height, width, channels = z.shape
   pixels = height * width
   num_masks = math.prod(masks.mask_shape)
@@ -96,6 +109,8 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   z_major = jnp.transpose(z.astype(jnp.float32), (1, 2, 3, 0)).reshape(pixels, channels, batch)
   chunk_size = max(1, min(int(chunk_size or pixel_major_chunk_size(batch, height, width)),
                           data.shape[0]))
+  local_valid = shard_valid_rows(data.shape[0], axis_name, valid_rows)
+  padded = local_valid is not None
 
   def prepare(chunk):
     # (n, H, W, C) raw rows → (P·C·n,) float32 with the dataset axis minor. Flat, so that no choice of
@@ -108,11 +123,12 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   def unflatten(prepared):
     return prepared.reshape(pixels, channels, -1)  # (P, C, n)
 
-  def dists(prepared):
+  def dists(prepared, offset=None):
     # The same code computes the distances in both passes; pass 2 relies on seeing pass 1's values.
     e = pixel_sq_dists_major(z_major, unflatten(prepared))  # (P, B, n)
     d = masks.sums_major(e.reshape((height, width) + e.shape[1:]))
-    return d.reshape((num_masks,) + e.shape[1:])  # (masks, B, n)
+    # Padding rows → +inf after the window sums (a 0/1 matmul of +inf would give NaN).
+    return mask_padding(d.reshape((num_masks,) + e.shape[1:]), offset, local_valid, axis=2)
 
   def accumulate(numerator, weights, prepared):
     # weights (masks, B, n) → per-pixel W (P, B, n); Σ_i W[p, b, i] x[p, c, i] as a batched matmul.
@@ -133,22 +149,27 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   stats = SoftminStats.empty((num_masks, batch))
   cache = None
   if num_cached:
-    def caching_step(stats, prepared):
-      stats, weights, _ = stats.add(dists(prepared), scale, axis=2)
+    def caching_step(stats, prepared, offset=None):
+      stats, weights, _ = stats.add(dists(prepared, offset), scale, axis=2, may_be_empty=padded)
       return stats, (weights, stats.min_dist)
 
-    stats, cache = scan_chunks(caching_step, stats, data, chunk_size, num_cached, prepare=prepare)
+    stats, cache = scan_chunks(caching_step, stats, data, chunk_size, num_cached, prepare=prepare,
+                               with_offset=padded)
 
-  def normaliser_step(stats, prepared):
-    return stats.add(dists(prepared), scale, axis=2)[0]
+  def normaliser_step(stats, prepared, offset=None):
+    return stats.add(dists(prepared, offset), scale, axis=2, may_be_empty=padded)[0]
 
-  stats = fold_chunks(normaliser_step, stats, data, chunk_size, prepare=prepare, start=cached_rows)
+  stats = fold_chunks(normaliser_step, stats, data, chunk_size, prepare=prepare, start=cached_rows,
+                      with_offset=padded)
+  if axis_name is not None:
+    stats = stats.merge_across(scale, axis_name)  # every device: the global (min, total) per mask
   inv_total = 1.0 / stats.total  # (masks, B)
 
   # Pass 2: exact normalised weights, spread to pixels, weighted sum of the images.
   numerator = jnp.zeros((pixels, batch, channels), jnp.float32)
   if num_cached:
     def cached_step(numerator, prepared, cached):
+      # A chunk of padding only was cached with min +inf and weights 0: factor exp(−inf) = 0.
       weights, chunk_min = cached
       factor = jnp.exp((chunk_min - stats.min_dist) * scale) * inv_total  # (masks, B), ≤ 1/total
       return accumulate(numerator, weights * factor[..., None], prepared), None
@@ -156,47 +177,60 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
     numerator, _ = scan_chunks(cached_step, numerator, data, chunk_size, num_cached, xs=cache,
                                prepare=prepare)
 
-  def mean_step(numerator, prepared):
-    weights = SoftminStats.weights(dists(prepared), stats.min_dist, scale, axis=2)
+  def mean_step(numerator, prepared, offset=None):
+    # The global min is finite (N ≥ 1), so padding rows (+inf) get weight exp(−inf) = 0.
+    weights = SoftminStats.weights(dists(prepared, offset), stats.min_dist, scale, axis=2)
     return accumulate(numerator, weights * inv_total[..., None], prepared)
 
-  numerator = fold_chunks(mean_step, numerator, data, chunk_size, prepare=prepare, start=cached_rows)
+  numerator = fold_chunks(mean_step, numerator, data, chunk_size, prepare=prepare, start=cached_rows,
+                          with_offset=padded)
+  if axis_name is not None:
+    numerator = lax.psum(numerator, axis_name)
   out = jnp.transpose(numerator, (1, 0, 2)).reshape(z.shape)
   return out / jnp.asarray(masks.coverage)[..., None]
 
 
-def _composite_denoise_generic(z, sigma, data, masks, *, chunk_size=None):
+def _composite_denoise_generic(z, sigma, data, masks, *, chunk_size=None, axis_name=None,
+                               valid_rows=None):
   """Eq. 11 in the (B, n, H, W) layout for mask objects with only `sums` and `spread`."""
   batch, height, width, _ = z.shape
   z = z.astype(jnp.float32)
   scale = logit_scale(images.sigma_per_sample(sigma, batch))
   scale = scale.reshape((batch,) + (1,) * len(masks.mask_shape))
   chunk_size = chunk_size or default_chunk_size(batch, height, width)
+  local_valid = shard_valid_rows(data.shape[0], axis_name, valid_rows)
+  padded = local_valid is not None
 
-  def dists_and_images(chunk):
+  def dists_and_images(chunk, offset):
     # The same code computes the distances in both passes; pass 2 relies on seeing pass 1's values.
     x = images.to_model_range(chunk)
-    return masks.sums(pixel_sq_dists(z, x)), x  # (B, n, *mask_shape)
+    dists = mask_padding(masks.sums(pixel_sq_dists(z, x)), offset, local_valid, axis=1)
+    return dists, x  # (B, n, *mask_shape)
 
-  def normaliser_step(stats, chunk):
-    return stats.add(dists_and_images(chunk)[0], scale, axis=1)[0]
+  def normaliser_step(stats, chunk, offset=None):
+    return stats.add(dists_and_images(chunk, offset)[0], scale, axis=1, may_be_empty=padded)[0]
 
   stats = fold_chunks(normaliser_step, SoftminStats.empty((batch,) + masks.mask_shape), data,
-                      chunk_size)
+                      chunk_size, with_offset=padded)
+  if axis_name is not None:
+    stats = stats.merge_across(scale, axis_name)
   inv_total = jnp.expand_dims(1.0 / stats.total, 1)
 
-  def mean_step(numerator, chunk):
-    dists, x = dists_and_images(chunk)
+  def mean_step(numerator, chunk, offset=None):
+    dists, x = dists_and_images(chunk, offset)
     weights = SoftminStats.weights(dists, stats.min_dist, scale, axis=1) * inv_total
     pixel_weights = masks.spread(weights)  # (B, n, H, W)
     return numerator + jnp.sum(pixel_weights[..., None] * x[None], axis=1)
 
-  numerator = fold_chunks(mean_step, jnp.zeros_like(z), data, chunk_size)
+  numerator = fold_chunks(mean_step, jnp.zeros_like(z), data, chunk_size, with_offset=padded)
+  if axis_name is not None:
+    numerator = lax.psum(numerator, axis_name)
   return numerator / masks.coverage[..., None]
 
 
 def pspc_square_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *,
-                        chunk_size: int | None = None, cache_bytes: int | None = None) -> jax.Array:
+                        chunk_size: int | None = None, cache_bytes: int | None = None,
+                        axis_name=None, valid_rows: int | None = None) -> jax.Array:
   """PSPC-Square: Eq. 11 over all s×s windows fully inside the image (no padding).
 
   Cost O(B·N·H·W·C) whatever s. With s equal to both image sides the single window is the whole image
@@ -211,6 +245,8 @@ def pspc_square_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *
       intermediate).
     cache_bytes: memory budget of the pass-1 weights cache, used for large s (see the module
       docstring; default `DEFAULT_CACHE_BYTES` = 256 MiB, 0 disables it).
+    axis_name, valid_rows: dataset sharded over a mesh axis inside `jax.shard_map`, and padding rows
+      (see `composite_denoise`); None: one device, no padding.
 
   Returns:
     (B, H, W, C) float32 denoised images.
@@ -218,13 +254,16 @@ def pspc_square_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *
   if z.ndim != 4:
     raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
   if patch_size == z.shape[1] == z.shape[2]:
-    return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
+    return empirical_denoise(z, sigma, data, chunk_size=chunk_size, axis_name=axis_name,
+                             valid_rows=valid_rows)
   windows = SquareWindows(z.shape[1], z.shape[2], patch_size)
-  return composite_denoise(z, sigma, data, windows, chunk_size=chunk_size, cache_bytes=cache_bytes)
+  return composite_denoise(z, sigma, data, windows, chunk_size=chunk_size, cache_bytes=cache_bytes,
+                           axis_name=axis_name, valid_rows=valid_rows)
 
 
 def pspc_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
-                 chunk_size: int | None = None, cache_bytes: int | None = None) -> jax.Array:
+                 chunk_size: int | None = None, cache_bytes: int | None = None,
+                 axis_name=None, valid_rows: int | None = None) -> jax.Array:
   """PSPC with arbitrary cropping masks (Eq. 11).
 
   Args:
@@ -236,6 +275,8 @@ def pspc_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
     chunk_size: dataset rows per streamed chunk.
     cache_bytes: memory budget of the pass-1 weights cache (used when 3·M ≤ H·W; see the module
       docstring).
+    axis_name, valid_rows: dataset sharded over a mesh axis inside `jax.shard_map`, and padding rows
+      (see `composite_denoise`); None: one device, no padding.
 
   Returns:
     (B, H, W, C) float32 denoised images.
@@ -244,4 +285,77 @@ def pspc_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   if pixel_masks.image_shape != tuple(z.shape[1:3]):
     raise ValueError(f"masks cover {pixel_masks.image_shape} images, z has {tuple(z.shape[1:3])}")
   return composite_denoise(z, sigma, data, pixel_masks, chunk_size=chunk_size,
-                           cache_bytes=cache_bytes)
+                           cache_bytes=cache_bytes, axis_name=axis_name, valid_rows=valid_rows)
+
+
+# Elements of the (n, Kh, Kw, s, s, C) gathered patches of one chunk in `patch_posterior_means`.
+_PATCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int, *,
+                          chunk_size: int | None = None) -> jax.Array:
+  """The posterior mean of every s×s window on its own (Eq. 9-10), before any overlap averaging.
+
+  For the window C at (i, j) (rows i … i+s−1, columns j … j+s−1), with
+  w_k(C) = softmax_k(−‖C z − C x_k‖² / (2σ²)) over the training images k, the patch posterior mean is
+
+      m[i, j] = Σ_k w_k(C) x_k[i:i+s, j:j+s]                                               (Eq. 10)
+
+  PSPC-Square (Eq. 11) is the average, at each pixel, of the m of the windows covering it; here the
+  windows are kept apart (paper Fig. 4: patch error vs σ per patch size). For s = H = W the single
+  window is the whole image and m is the optimal empirical denoiser's output (Eq. 6-7).
+
+  Two streaming passes over the dataset (per-window online logsumexp, then the normalised weighted sum
+  of the gathered patches), in the (B, n, Kh, Kw) layout: direct differences, exact window sums
+  (`SquareWindows.sums`), memory independent of N. The output itself has Kh·Kw·s²·C values per query
+  and each is a sum over the dataset, so the cost is O(B·N·Kh·Kw·s²·C): fine for small images or few
+  queries, s² times a PSPC-Square call in general.
+
+  Args:
+    z: (B, H, W, C) float32 noisy images.
+    sigma: scalar or (B,) noise levels (EDM σ).
+    data: (N, H, W, C) uint8 or float training images.
+    patch_size: s, a static int with 1 ≤ s ≤ min(H, W).
+    chunk_size: dataset rows per streamed chunk (default: about 4M gathered patch values per chunk).
+
+  Returns:
+    (B, Kh, Kw, s, s, C) float32 with Kh = H − s + 1, Kw = W − s + 1: [b, i, j] is the posterior mean of
+    the window at (i, j).
+  """
+  images.check_query_and_data(z, data)
+  batch, height, width, channels = z.shape
+  size = int(patch_size)
+  windows = SquareWindows(height, width, size)
+  kh, kw = windows.mask_shape
+  z = z.astype(jnp.float32)
+  scale = logit_scale(images.sigma_per_sample(sigma, batch))  # (B,)
+  # Pixel rows/columns of every window: (Kh, s) and (Kw, s).
+  rows = jnp.arange(kh)[:, None] + jnp.arange(size)[None, :]
+  cols = jnp.arange(kw)[:, None] + jnp.arange(size)[None, :]
+  if chunk_size is None:
+    per_row = kh * kw * size * size * channels
+    chunk_size = min(default_chunk_size(batch, height, width),
+                     max(1, _PATCH_CHUNK_ELEMENTS // max(per_row, batch * kh * kw)))
+  chunk_size = max(1, min(int(chunk_size), data.shape[0]))
+  state_scale = scale[:, None, None]  # against the (B, Kh, Kw) state
+
+  def dists_and_images(chunk):
+    # The same code computes the distances in both passes; pass 2 relies on seeing pass 1's values.
+    x = images.to_model_range(chunk)
+    return windows.sums(pixel_sq_dists(z, x)), x  # (B, n, Kh, Kw)
+
+  def normaliser_step(stats, chunk):
+    return stats.add(dists_and_images(chunk)[0], state_scale, axis=1)[0]
+
+  stats = fold_chunks(normaliser_step, SoftminStats.empty((batch, kh, kw)), data, chunk_size)
+  inv_total = 1.0 / stats.total  # (B, Kh, Kw)
+
+  def mean_step(numerator, chunk):
+    dists, x = dists_and_images(chunk)
+    weights = SoftminStats.weights(dists, stats.min_dist, state_scale, axis=1)
+    weights = weights * inv_total[:, None]  # (B, n, Kh, Kw)
+    patches = x[:, rows[:, None, :, None], cols[None, :, None, :], :]  # (n, Kh, Kw, s, s, C)
+    return numerator + jnp.einsum("bnij,nijuvc->bijuvc", weights, patches, precision=_HIGHEST)
+
+  init = jnp.zeros((batch, kh, kw, size, size, channels), jnp.float32)
+  return fold_chunks(mean_step, init, data, chunk_size)

@@ -4,6 +4,10 @@ Every builder takes the training set (N, H, W, C) (uint8 or float in [-1, 1]) an
 returns a pure `denoise(z, sigma)` closure (z (B, H, W, C) float32, sigma scalar or (B,), mixed levels
 allowed) that can be passed to `jax.jit` and to `pspc_jax.sample`. Later modules add names with
 `@register("name")`.
+
+Builders that accept the keyword options `axis_name` and `valid_rows` (empirical, pspc_square,
+pspc_flex) can run with the dataset sharded over devices: `make_denoiser(name, data, mesh=mesh)`
+(`pspc_jax.distributed`) calls them inside `jax.shard_map` with this device's shard as `data`.
 """
 
 from __future__ import annotations
@@ -34,27 +38,46 @@ def available_denoisers() -> tuple[str, ...]:
   return tuple(sorted(_BUILDERS))
 
 
-def make_denoiser(name: str, data, **options) -> Denoiser:
+def make_denoiser(name: str, data, *, mesh=None, **options) -> Denoiser:
   """Builds the denoiser registered as `name` over the training set `data`.
 
+  With a device `mesh` (`pspc_jax.distributed.make_mesh`), the dataset is sharded over the mesh's
+  "data" axis and query batches over its "batch" axis (`distributed.sharded_denoiser`); the results
+  equal the single-device ones up to float32 rounding.
+
   Raises:
-    ValueError: unknown name (the message lists the known ones) or bad options.
+    ValueError: unknown name (the message lists the known ones), bad options, or a mesh for a denoiser
+      that cannot shard its dataset.
   """
   if name not in _BUILDERS:
     raise ValueError(f"unknown denoiser {name!r}; choose one of {', '.join(available_denoisers())}")
+  if mesh is not None:
+    from pspc_jax.distributed import sharded_denoiser  # imported here: it imports this module
+
+    return sharded_denoiser(name, data, mesh, **options)
   return _BUILDERS[name](data, **options)
 
 
+def builder(name: str) -> Callable[..., Denoiser]:
+  """The builder registered as `name` (ValueError when unknown)."""
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown denoiser {name!r}; choose one of {', '.join(available_denoisers())}")
+  return _BUILDERS[name]
+
+
 @register("empirical")
-def _empirical(data, *, chunk_size: int | None = None) -> Denoiser:
+def _empirical(data, *, chunk_size: int | None = None, axis_name=None,
+               valid_rows: int | None = None) -> Denoiser:
   def denoise(z, sigma):
-    return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
+    return empirical_denoise(z, sigma, data, chunk_size=chunk_size, axis_name=axis_name,
+                             valid_rows=valid_rows)
   return denoise
 
 
 @register("pspc_square")
 def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = "auto",
-                 chunk_size: int | None = None) -> Denoiser:
+                 chunk_size: int | None = None, axis_name=None,
+                 valid_rows: int | None = None) -> Denoiser:
   """`patch_schedule`: a SigmaSchedule, a fixed patch size, or a spec for `parse_patch_schedule`."""
   side = min(data.shape[1], data.shape[2])
   if isinstance(patch_schedule, (int, str)):
@@ -62,7 +85,8 @@ def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = 
 
   def make_branch(patch_size):
     def denoise(z, sigma):
-      return pspc_square_denoise(z, sigma, data, int(patch_size), chunk_size=chunk_size)
+      return pspc_square_denoise(z, sigma, data, int(patch_size), chunk_size=chunk_size,
+                                 axis_name=axis_name, valid_rows=valid_rows)
     return denoise
 
   return schedules.dispatch(patch_schedule, make_branch)
@@ -71,7 +95,8 @@ def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = 
 @register("pspc_flex")
 def _pspc_flex(data, *, heatmaps: str | None = None,
                thresholds: schedules.SigmaSchedule | float | str = "cifar10",
-               chunk_size: int | None = None, method: str = "auto") -> Denoiser:
+               chunk_size: int | None = None, method: str = "auto", axis_name=None,
+               valid_rows: int | None = None) -> Denoiser:
   """`heatmaps`: a sensitivity-map .npz (`pspc_jax.sensitivity.save_maps`, e.g. from bin/sensitivity);
   each sample uses the maps of the nearest σ of that file in log σ. `thresholds`: a λ SigmaSchedule, one
   number, or a spec for `schedules.parse_threshold_schedule` (default: the paper's CIFAR-10 values)."""
@@ -87,7 +112,7 @@ def _pspc_flex(data, *, heatmaps: str | None = None,
     raise ValueError(f"{heatmaps}: maps of {tuple(maps.maps.shape[1:3])} images do not fit the "
                      f"{image} training images")
   return make_flex_denoiser(data, maps.sigmas, maps.maps, thresholds, chunk_size=chunk_size,
-                            method=method)
+                            method=method, axis_name=axis_name, valid_rows=valid_rows)
 
 
 @register("gaussian")

@@ -1,0 +1,321 @@
+"""The exact denoisers on many devices and hosts: dataset sharded, queries batched (DESIGN §3).
+
+A 2-D device mesh with axes ("batch", "data") (`make_mesh`): the training set is split into equal
+consecutive shards along "data" (`shard_dataset`; each device holds N_padded / data_devices rows,
+replicated along "batch"), and query batches are split along "batch". Every device streams its own
+shard with the single-device kernels, which take the mesh axis as `axis_name` and merge exactly:
+
+* pass 1 of the PSPC composite (`pspc.composite_denoise`): the per-mask (min distance, total) states
+  are merged with `SoftminStats.merge_across` — the global minimum (pmin), then the psum of every
+  device's total rescaled by exp((own min − global min)·scale), the flash-attention rule — so every
+  device normalises pass 2 with the global normaliser; pass 2's per-device numerators are summed (psum);
+* the single-pass optimal empirical denoiser merges (min, total, numerator) with the same rescale
+  (`SoftminStats.merge_values_across`).
+
+Padding. N need not divide by the number of data shards: `shard_dataset` pads the dataset at the end
+with zero rows up to a multiple and returns `valid_rows` = N; the kernels (`valid_rows=`) set the
+distances of rows at global index ≥ N to +inf after the window sums, so they get weight exactly 0 at
+any finite σ (σ = 80 included), never take part in a minimum, and a shard of padding only keeps the
+empty state (min +inf, total 0, numerator 0: `SoftminStats.add(may_be_empty=True)`), which the merge
+scales by exp(−inf) = 0. The global total is ≥ 1 (the nearest real row has weight 1), so nothing is
+ever divided by zero. Without padding the kernels trace exactly their unpadded code.
+
+Scheduled denoisers (PSPC-Square with a per-σ patch schedule, PSPC-Flex) pick a branch per distinct
+schedule value with `lax.cond` on "does a sample of my batch need it" (`schedules.dispatch`). Inside
+`shard_map` each device decides on its local batch, so devices of different batch shards may take
+different branches. That is safe because every collective inside a branch runs over the "data" axis
+only, and the devices of one "data" group hold the same batch shard (z and σ are replicated along
+"data"), so they all take the same branch and meet in the same collectives; no collective ever spans
+two batch shards. (`tests/test_distributed.py` checks mixed-σ batches whose batch shards need
+different branches.)
+
+The same functions run on one device (a 1×1 mesh gives the same bits as the unsharded kernel jitted
+with the dataset as an argument; a dataset closed over as a constant lets XLA fold its conversion at
+compile time, which can change last bits whether sharded or not), on the devices of one host, and on
+several hosts. Multi-host launch: start the same command on every host,
+with the coordinator's address, the number of processes and each host's index, e.g. for 2 hosts
+
+    # host 0 (the coordinator, reachable at host0:1234):
+    JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python bin/sample ...
+    # host 1:
+    JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python bin/sample ...
+
+where the program calls `initialize()` (which calls `jax.distributed.initialize`) before any other JAX
+call; under SLURM or Open MPI the three variables can be left out (JAX detects them). Every process
+must load the same dataset and pass the same queries (the samplers derive them from seeds), and should
+let only `jax.process_index() == 0` write files. `jax.devices()` then lists the devices of all hosts and
+`make_mesh()` spreads the dataset over all of them; the denoiser's output is replicated on every
+device, so every host can read it. Inputs of a jitted computation that spans hosts must be global
+arrays: the sharded denoiser converts its own host inputs, and `replicate(latents, mesh)` does it for
+e.g. the latents of a jitted sampler. (The multi-host path follows JAX's multi-controller model; the
+tests exercise 1 and 8 devices of one host.)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pspc_jax import images
+
+DATA_AXIS = "data"
+BATCH_AXIS = "batch"
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins a multi-host run: `jax.distributed.initialize` with arguments from the environment.
+
+  Call it first, before any other JAX call. Arguments not given are read from JAX_COORDINATOR_ADDRESS
+  ("host:port" of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; when neither gives the number of
+  processes, JAX detects the cluster itself (SLURM, Open MPI, Cloud TPU, ...).
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def make_mesh(data_devices: int | None = None, batch_devices: int | None = None, *,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A (batch_devices, data_devices) mesh with axes ("batch", "data").
+
+  Args:
+    data_devices: devices the dataset is sharded over (memory per device ∝ N / data_devices).
+    batch_devices: devices query batches are split over (no communication between them).
+      With neither given, every device holds a dataset shard (batch_devices = 1); with one given, the
+      other is the device count divided by it. The mesh uses the first data·batch devices.
+    devices: the devices (default `jax.devices()`: every device of every host). "data" is the minor
+      axis, so with batch_devices = hosts each data group stays within a host.
+
+  Raises:
+    ValueError: sizes < 1, or more devices asked for than there are.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  count = len(devices)
+  if data_devices is None and batch_devices is None:
+    data_devices, batch_devices = count, 1
+  elif data_devices is None:
+    data_devices = count // int(batch_devices)
+  elif batch_devices is None:
+    batch_devices = count // int(data_devices)
+  data_devices, batch_devices = int(data_devices), int(batch_devices)
+  if data_devices < 1 or batch_devices < 1 or data_devices * batch_devices > count:
+    raise ValueError(f"cannot make a mesh of {data_devices} data × {batch_devices} batch devices "
+                     f"from {count} device(s)")
+  grid = np.empty(batch_devices * data_devices, dtype=object)
+  grid[:] = devices[:batch_devices * data_devices]
+  return Mesh(grid.reshape(batch_devices, data_devices), (BATCH_AXIS, DATA_AXIS))
+
+
+def mesh_from_spec(spec: str | int | None, devices: Sequence[Any] | None = None) -> Mesh | None:
+  """The mesh of a `--devices` flag: None or "" → None (single device, unsharded kernels); "all" →
+  every device on the data axis; "8" → 8 data devices; "4x2" → 4 data × 2 batch devices.
+
+  Raises:
+    ValueError: a malformed spec, or more devices than there are.
+  """
+  if spec is None or str(spec).strip() == "":
+    return None
+  text = str(spec).strip().lower()
+  if text == "all":
+    return make_mesh(devices=devices)
+  try:
+    parts = [int(p) for p in text.split("x")]
+  except ValueError:
+    parts = []
+  if len(parts) not in (1, 2):
+    raise ValueError(f"cannot parse --devices={spec!r}; use 'all', a device count (the dataset is "
+                     "sharded over them) or DATAxBATCH, e.g. '4x2'")
+  return make_mesh(parts[0], parts[1] if len(parts) == 2 else 1, devices=devices)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+  if axis is None:
+    return 1
+  names = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[name] for name in names)
+
+
+class ShardedDataset(NamedTuple):
+  """A dataset split along a mesh axis: `images` (N_padded, H, W, C), a global `jax.Array` whose rows
+  ≥ `valid_rows` are zero padding; `axis` is the mesh axis of the shards."""
+  images: jax.Array
+  valid_rows: int
+  axis: Any = DATA_AXIS
+
+  @property
+  def shard_rows(self) -> int:
+    return self.images.addressable_shards[0].data.shape[0]
+
+
+def shard_dataset(data, mesh: Mesh, axis=DATA_AXIS) -> ShardedDataset:
+  """Pads `data` with zero rows to a multiple of the size of mesh axis `axis` and places shard k
+  (rows k·n … (k+1)·n − 1, n = N_padded / shards) on the devices at index k of that axis.
+
+  Each device gets only its own rows (`jax.make_array_from_callback`), so device memory is
+  ∝ N / shards; on several hosts, every process passes the same host array (e.g. a NumPy memmap) and
+  materialises only its devices' shards.
+
+  Args:
+    data: (N, H, W, C) uint8 or float images, N ≥ 1: a NumPy array or a fully addressable jax.Array.
+    mesh: the device mesh.
+    axis: the mesh axis (or tuple of axes) of the dataset shards.
+
+  Returns:
+    A `ShardedDataset` (images, valid_rows = N, axis).
+  """
+  if isinstance(data, jax.Array):
+    data = np.asarray(jax.device_get(data))
+  if data.ndim != 4 or data.shape[0] == 0:
+    raise ValueError(f"data must have shape (N, H, W, C) with N ≥ 1, got {data.shape}")
+  num = data.shape[0]
+  shards = _axis_size(mesh, axis)
+  padded = -(-num // shards) * shards
+  shape = (padded,) + tuple(data.shape[1:])
+
+  def rows(index):
+    start, stop, _ = index[0].indices(padded)
+    part = np.asarray(data[min(start, num):min(stop, num)])
+    if stop - start > part.shape[0]:
+      filler = np.zeros((stop - start - part.shape[0],) + part.shape[1:], part.dtype)
+      part = np.concatenate([part, filler])
+    return part[(slice(None),) + tuple(index[1:])]
+
+  array = jax.make_array_from_callback(shape, NamedSharding(mesh, P(axis)), rows)
+  return ShardedDataset(array, num, axis)
+
+
+def sharded(denoise_fn: Callable[..., jax.Array], mesh: Mesh, *, valid_rows: int | None = None,
+            data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -> Callable:
+  """Runs a kernel over a sharded dataset: `run(z, sigma, data) -> x_hat` on global arrays.
+
+  Args:
+    denoise_fn: `denoise_fn(z, sigma, data, *, axis_name, valid_rows)` on one device's query block
+      and dataset shard (e.g. `empirical_denoise`, or `functools.partial(pspc_square_denoise,
+      patch_size=3)`); it must merge across `axis_name` itself, as the kernels of this package do.
+    mesh: the device mesh.
+    valid_rows: real rows of the dataset (`ShardedDataset.valid_rows`); None: no padding.
+    data_axis: mesh axis (or axes) of the dataset shards.
+    batch_axis: mesh axis of the query batch (None, or an axis the mesh lacks: queries replicated).
+
+  Returns:
+    A jitted `run(z, sigma, data)`: z (B, H, W, C), sigma a scalar or (B,), data the `images` of a
+    `ShardedDataset` of the same mesh and axis. Any B works (the batch is padded with copies of its
+    last sample to a multiple of the batch devices). The output is replicated on every device.
+  """
+  if batch_axis is not None and batch_axis not in mesh.axis_names:
+    batch_axis = None
+  batch_spec = P(batch_axis)
+  batch_shards = _axis_size(mesh, batch_axis)
+
+  def local(z, sigma, data):
+    return denoise_fn(z, sigma, data, axis_name=data_axis, valid_rows=valid_rows)
+
+  # check_vma=False: the schedules' `lax.cond` dispatch returns a batch-varying value from one branch
+  # and its invariant operand from the other, which the varying-axes type check rejects. The output
+  # is replicated along the data axis all the same: every device of a data group ends with the same
+  # psum results.
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(batch_spec, batch_spec, P(data_axis)),
+                         out_specs=batch_spec, check_vma=False)
+
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+  def run(z, sigma, data):
+    if z.ndim != 4:
+      raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
+    batch = z.shape[0]
+    sigma = images.sigma_per_sample(sigma, batch)
+    pad = -batch % batch_shards
+    if pad:  # copies of the last sample: same σ, so no extra schedule branch
+      z = jnp.concatenate([z, jnp.repeat(z[-1:], pad, axis=0)])
+      sigma = jnp.concatenate([sigma, jnp.repeat(sigma[-1:], pad)])
+    return mapped(z, sigma, data)[:batch]
+
+  return run
+
+
+def supports_sharding(name: str) -> bool:
+  """Whether registry denoiser `name` can shard its dataset (its builder takes `axis_name`)."""
+  from pspc_jax.denoisers import registry
+
+  parameters = inspect.signature(registry.builder(name)).parameters
+  return "axis_name" in parameters and "valid_rows" in parameters
+
+
+def sharded_denoiser(name: str, data, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS,
+                     **options) -> Denoiser:
+  """Registry denoiser `name` with the dataset sharded over `mesh` (`make_denoiser(..., mesh=mesh)`).
+
+  Args:
+    name: a registered denoiser whose builder takes `axis_name` and `valid_rows` (empirical,
+      pspc_square, pspc_flex).
+    data: (N, H, W, C) images (NumPy or jax.Array), or a `ShardedDataset` of this mesh (to share one
+      sharded copy between denoisers).
+    mesh: the device mesh (`make_mesh`).
+    data_axis, batch_axis: the mesh axes of dataset shards and query batches.
+    **options: the builder's options (`make_denoiser`), checked here.
+
+  Returns:
+    `denoise(z, sigma)` (jitted; z (B, H, W, C) with any B, sigma a scalar or (B,), mixed levels
+    allowed), equal to the single-device denoiser up to float32 rounding; output replicated.
+
+  Raises:
+    ValueError: unknown name, a denoiser that cannot shard its dataset, or bad options.
+  """
+  from pspc_jax.denoisers import registry
+
+  build = registry.builder(name)
+  if not supports_sharding(name):
+    shardable = ", ".join(n for n in registry.available_denoisers() if supports_sharding(n))
+    raise ValueError(f"the {name} denoiser cannot shard its dataset over devices; run it on one "
+                     f"device (no --devices), or use one of {shardable}")
+  if isinstance(data, ShardedDataset):
+    if data.axis != data_axis:
+      raise ValueError(f"the dataset is sharded over mesh axis {data.axis!r}, not {data_axis!r}")
+    dataset = data
+  else:
+    dataset = shard_dataset(data, mesh, data_axis)
+  # Build once on a placeholder shard so that bad options fail here, not at the first call.
+  shard_shape = (dataset.images.shape[0] // _axis_size(mesh, data_axis),) + dataset.images.shape[1:]
+  build(jax.ShapeDtypeStruct(shard_shape, dataset.images.dtype), axis_name=data_axis,
+        valid_rows=dataset.valid_rows, **options)
+
+  def local(z, sigma, shard, *, axis_name, valid_rows):
+    return build(shard, axis_name=axis_name, valid_rows=valid_rows, **options)(z, sigma)
+
+  run = sharded(local, mesh, valid_rows=dataset.valid_rows, data_axis=data_axis,
+                batch_axis=batch_axis)
+
+  def denoise(z, sigma):
+    if jax.process_count() > 1:  # host arrays → global replicated arrays (same values on every host)
+      z, sigma = replicate(z, mesh), replicate(sigma, mesh)
+    return run(z, sigma, dataset.images)
+
+  return denoise
+
+
+def replicate(x, mesh: Mesh):
+  """A host value (NumPy, scalar, or fully addressable jax.Array) as a global array replicated on
+  every device of `mesh`, for the inputs of jitted multi-host computations (every process must pass
+  the same value). Tracers and arrays already on the mesh are returned as they are."""
+  if isinstance(x, jax.core.Tracer):
+    return x
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x
+  host = np.asarray(jax.device_get(x))
+  return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
