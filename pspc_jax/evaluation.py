@@ -45,7 +45,7 @@ import numpy as np
 from pspc_jax.denoisers.pspc import patch_posterior_means
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
-from pspc_jax.files import atomic_write, save_npz
+from pspc_jax.files import atomic_write, prepare_run_dir, save_npz
 from pspc_jax.images import to_model_range
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.sampling import latents_from_seeds, sample
@@ -293,21 +293,6 @@ class PatchMeans:
 # ----------------------------------------------------------------------------------------------------
 # The resumable evaluation run.
 
-def _check_config(outdir: str, config: dict, state_file: str) -> bool:
-  """Creates `outdir`; True when it holds a run of exactly `config` (then `state_file` is resumed)."""
-  os.makedirs(outdir, exist_ok=True)
-  path = os.path.join(outdir, "config.json")
-  if os.path.exists(path) and os.path.exists(os.path.join(outdir, state_file)):
-    with open(path) as f:
-      if json.load(f) != config:
-        raise ValueError(f"{outdir} holds a run with a different configuration; choose another "
-                         "--outdir or delete it")
-    return True
-  with atomic_write(path, "w") as f:
-    json.dump(config, f, indent=1)
-  return False
-
-
 def _write_table(stem: str, rows: list[dict], columns: Sequence[str]) -> None:
   """Writes rows as `stem.csv` and `stem.json` (a list of row objects), atomically."""
   with atomic_write(stem + ".json", "w") as f:
@@ -410,7 +395,7 @@ def evaluate_run(images: np.ndarray, *, denoisers: Sequence[str], outdir: str,
             "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
   state_path = os.path.join(outdir, "results.json")
   state = {"finished": [], "mse": [], "patch_mse": []}
-  if _check_config(outdir, config, "results.json"):
+  if prepare_run_dir(outdir, config, "results.json"):
     with open(state_path) as f:
       state = json.load(f)
     log(f"resuming: {len(state['finished'])}/{len(sigmas) * len(sets)} (σ, set) already in "
@@ -709,7 +694,7 @@ def compare_run(images: np.ndarray, *, denoisers: Sequence[str], seeds: Sequence
                         if n in denoisers},
             "seeds": seeds, "steps": steps, "solver": solver, "dataset": dataset_name,
             "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
-  _check_config(outdir, config, "config.json")
+  prepare_run_dir(outdir, config, "config.json")
   start = time.perf_counter()
   data = jnp.asarray(images)
   make = make or registry_maker(data, options, mesh)

@@ -46,3 +46,25 @@ def save_json(path: str | os.PathLike, value) -> None:
   """`json.dump(value, f, indent=1)` into `path`, atomically."""
   with atomic_write(path, "w") as f:
     json.dump(value, f, indent=1)
+
+
+def prepare_run_dir(outdir: str | os.PathLike, config: dict, resume_file: str) -> bool:
+  """Creates `outdir` for a run described by the JSON-serialisable `config`.
+
+  Returns True when `outdir` already holds `config.json` equal to `config` and `resume_file`: the
+  caller then resumes from `resume_file`. Otherwise writes `config.json` and returns False.
+
+  Raises:
+    ValueError: `outdir` holds a resumable run of a different configuration.
+  """
+  outdir = os.fspath(outdir)
+  os.makedirs(outdir, exist_ok=True)
+  config_path = os.path.join(outdir, "config.json")
+  if os.path.exists(config_path) and os.path.exists(os.path.join(outdir, resume_file)):
+    with open(config_path) as f:
+      if json.load(f) != config:
+        raise ValueError(f"{outdir} holds a run with a different configuration; choose another "
+                         "--outdir or delete it")
+    return True
+  save_json(config_path, config)
+  return False

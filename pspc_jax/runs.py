@@ -27,24 +27,10 @@ import numpy as np
 from pspc_jax import attribution, plots, schedules
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
-from pspc_jax.files import save_json, save_npz
+from pspc_jax.files import prepare_run_dir, save_json, save_npz
 from pspc_jax.images import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.sampling import latents_from_seeds, sample
-
-
-def _prepare_outdir(outdir: str, config: dict, resume_file: str) -> bool:
-  """Creates `outdir`; returns True when it holds a resumable run of exactly this `config`."""
-  os.makedirs(outdir, exist_ok=True)
-  config_path = os.path.join(outdir, "config.json")
-  if os.path.exists(config_path) and os.path.exists(os.path.join(outdir, resume_file)):
-    with open(config_path) as f:
-      if json.load(f) != config:
-        raise ValueError(f"{outdir} holds a run with a different configuration; choose another "
-                         "--outdir or delete it")
-    return True
-  save_json(config_path, config)
-  return False
 
 
 def _load_samples(npz_path: str) -> dict[int, np.ndarray]:
@@ -115,7 +101,7 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
             "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
   npz_path = os.path.join(outdir, "samples.npz")
   done = {}
-  if _prepare_outdir(outdir, config, "samples.npz"):
+  if prepare_run_dir(outdir, config, "samples.npz"):
     done = _load_samples(npz_path)
     print(f"resuming: {len(done)}/{len(seeds)} samples already in {npz_path}", flush=True)
 
@@ -175,7 +161,7 @@ def denoise_run(images: np.ndarray, *, denoisers: dict[str, dict], sigma: float,
     raise ValueError(f"image indices must lie in [0, {images.shape[0]}), got {indices[:5]}...")
   config = {"denoisers": {k: config_options(opts) for k, opts in denoisers.items()},
             "sigma": sigma, "indices": indices, "noise_seed": noise_seed, "dataset": dataset_name}
-  _prepare_outdir(outdir, config, "never-resumed")
+  prepare_run_dir(outdir, config, "never-resumed")
   data = jnp.asarray(images)
   x = to_model_range(data[jnp.asarray(indices)])
   z = x + sigma * latents_from_seeds(jnp.asarray(indices) + noise_seed, images.shape[1:])
