@@ -36,6 +36,25 @@ def save_grid(path, images: np.ndarray, columns: int | None = None, upscale: int
   Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas).save(path)
 
 
+def _save(fig, path, title: str = "", title_size: int = 9, dpi: int = 150) -> None:
+  """Adds `title` above all panels (if any), lays the figure out, writes it to `path` and closes it."""
+  if title:
+    fig.suptitle(title, fontsize=title_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+
+
+def _log_log_mse_axes(ax, ylabel: str, title: str, title_size: int) -> None:
+  """Log-log axes of an error-vs-σ panel."""
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("σ")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=title_size)
+  ax.grid(alpha=0.3, which="both", linewidth=0.4)
+
+
 def _show(ax, image: np.ndarray, title: str = "") -> None:
   image = to_uint8(image)
   ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255,
@@ -69,10 +88,7 @@ def save_nearest_neighbour_figure(path, samples: np.ndarray, neighbours: np.ndar
     _show(axes[2 * r + 1, c], neighbours[k], f"NN d={distances[k]:.2f}")
     axes[2 * r, c].axis("on")
     axes[2 * r + 1, c].axis("on")
-  fig.suptitle("samples (top) and their nearest training images (bottom)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, "samples (top) and their nearest training images (bottom)")
 
 
 def save_rows_figure(path, rows: Mapping[str, np.ndarray], title: str = "") -> None:
@@ -85,11 +101,7 @@ def save_rows_figure(path, rows: Mapping[str, np.ndarray], title: str = "") -> N
     for c in range(count):
       _show(axes[r, c], rows[name][c])
     axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, title)
 
 
 def save_sensitivity_heatmaps(path, sigmas: Sequence[float], maps: np.ndarray,
@@ -126,10 +138,7 @@ def save_sensitivity_heatmaps(path, sigmas: Sequence[float], maps: np.ndarray,
       if r == 0:
         ax.set_title(f"σ={sigmas[k]:.3g}", fontsize=6)
     axes[r, 0].set_ylabel(f"({h},{w})", fontsize=7)
-  fig.suptitle("sensitivity maps of output pixels (rows) by noise level", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, "sensitivity maps of output pixels (rows) by noise level", title_size=8)
 
 
 def save_capture_plot(path, sigmas: Sequence[float], sides: np.ndarray, fractions: Sequence[float],
@@ -159,9 +168,7 @@ def save_capture_plot(path, sigmas: Sequence[float], sides: np.ndarray, fraction
   ax.grid(alpha=0.3)
   if title:
     ax.set_title(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _framed(ax, image: np.ndarray, title: str, colour) -> None:
@@ -208,11 +215,7 @@ def save_attribution_figure(path, samples: np.ndarray, which: np.ndarray, streng
     axes[b, 1].set_title("dominant image", fontsize=7)
     for j in range(shown):
       _framed(axes[b, j + 2], sources[b, j], source_labels[b][j], palette[j])
-  if title:
-    fig.suptitle(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, title, title_size=8)
 
 
 def save_tuning_figure(path, sigmas: Sequence[float],
@@ -291,11 +294,7 @@ def save_tuning_figure(path, sigmas: Sequence[float],
   bottom.legend(fontsize=6)
   for ax in axes[:-1]:
     ax.set_xlabel("σ", fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, title)
 
 
 def _sets_in(rows) -> list[str]:
@@ -338,18 +337,9 @@ def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("n
           s, m = zip(*points)
           ax.plot(s, m, styles[min(r_index, 2)], color=colours[name], marker="o", markersize=2.5,
                   linewidth=1.2, label=f"{name} vs {ref}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("σ")
-    ax.set_ylabel("MSE (per pixel, [-1, 1] units)")
-    ax.set_title(f"{set_name} set", fontsize=9)
-    ax.grid(alpha=0.3, which="both", linewidth=0.4)
+    _log_log_mse_axes(ax, "MSE (per pixel, [-1, 1] units)", f"{set_name} set", 9)
     ax.legend(fontsize=6)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, title)
 
 
 def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "") -> None:
@@ -374,18 +364,10 @@ def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "") -> None:
         s, m = zip(*points)
         ax.plot(s, m, color=cmap(k / max(1, len(sizes) - 1)), marker="o", markersize=2.5,
                 linewidth=1.2, label=f"{size}×{size}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("σ")
-    ax.set_ylabel("patch MSE")
-    ax.set_title(f"{set_name} set: patch posterior means vs {', '.join(targets)}", fontsize=8)
-    ax.grid(alpha=0.3, which="both", linewidth=0.4)
+    _log_log_mse_axes(ax, "patch MSE",
+                      f"{set_name} set: patch posterior means vs {', '.join(targets)}", 8)
     ax.legend(fontsize=6, title="patch", title_fontsize=6)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, title)
 
 
 def save_trajectory_figure(path, rows: Mapping[str, np.ndarray], column_titles: Sequence[str],
@@ -406,11 +388,7 @@ def save_trajectory_figure(path, rows: Mapping[str, np.ndarray], column_titles: 
     for c in range(count):
       _show(axes[r, c], np.clip(rows[name][c], -1, 1), column_titles[c] if r == 0 else "")
     axes[r, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
-  if title:
-    fig.suptitle(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path, title, title_size=8)
 
 
 def save_similarity_matrix(path, names: Sequence[str], matrix: np.ndarray, title: str = "") -> None:
@@ -437,6 +415,20 @@ def save_similarity_matrix(path, names: Sequence[str], matrix: np.ndarray, title
   fig.colorbar(image, ax=ax, fraction=0.046)
   if title:
     ax.set_title(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  _save(fig, path)
+
+
+def save_loss_plot(path, records: Sequence[Mapping]) -> None:
+  """The training loss of every logging window against the step (log scale), as a PNG.
+
+  Args:
+    path: output PNG.
+    records: `metrics.jsonl` rows with keys step and loss.
+  """
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+  ax.set_yscale("log")
+  ax.set_xlabel("training step")
+  ax.set_ylabel("EDM loss (window mean)")
+  ax.grid(alpha=0.3)
+  _save(fig, path, dpi=120)

@@ -35,22 +35,18 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import struct  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from pspc_jax import checkpoints, nets, plots  # noqa: E402
-from pspc_jax.files import atomic_write  # noqa: E402
-from pspc_jax.edm import edm_sigmas  # noqa: E402
-from pspc_jax.images import to_model_range  # noqa: E402
-from pspc_jax.nets.precond import edm_denoiser, precond_apply  # noqa: E402
-from pspc_jax.sampling import latents_from_seeds, sample  # noqa: E402
+from pspc_jax import checkpoints, nets, plots
+from pspc_jax.edm import edm_sigmas
+from pspc_jax.files import atomic_write
+from pspc_jax.images import to_model_range
+from pspc_jax.nets.precond import edm_denoiser, precond_apply
+from pspc_jax.sampling import latents_from_seeds, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,19 +426,6 @@ class _MetricsLog:
     self.losses, self.window_start = [], now
 
 
-def save_loss_plot(path: str, records: list[dict]) -> None:
-  """Writes the loss of every logging window against the step (log scale) as a PNG."""
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
-  ax.set_yscale("log")
-  ax.set_xlabel("training step")
-  ax.set_ylabel("EDM loss (window mean)")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def _format_seconds(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -541,6 +524,6 @@ def train(config: TrainConfig, images, workdir: str, *, num_steps: int, checkpoi
     if done % checkpoint_every == 0 or last:
       checkpoints.save_checkpoint(manager, done, ema_params=state.ema_params,
                                   train_state=_resume_items(state), meta=meta)
-      save_loss_plot(os.path.join(workdir, "loss.png"), log.records)
+      plots.save_loss_plot(os.path.join(workdir, "loss.png"), log.records)
   manager.close()
   return state
