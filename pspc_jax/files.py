@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,3 +68,37 @@ def prepare_run_dir(outdir: str | os.PathLike, config: dict, resume_file: str) -
     return True
   save_json(config_path, config)
   return False
+
+
+def sigma_part_path(parts_dir: str, sigma: float, suffix: str) -> str:
+  """The file of one noise level's results in a resumable run's parts folder."""
+  return os.path.join(parts_dir, f"sigma_{sigma:.9e}{suffix}")
+
+
+def resume_per_sigma(sigmas: Sequence[float], part_path: Callable[[float], str],
+                     read_part: Callable[[str], Any],
+                     finished: tuple[Sequence[float], Callable[[int], Any]] | None = None
+                     ) -> dict[int, Any]:
+  """What earlier runs of a per-σ job already computed, by index into `sigmas`.
+
+  Args:
+    sigmas: the noise levels of this run.
+    part_path: the part file of one σ (written as soon as that σ is done).
+    read_part: reads an existing part file; raises ValueError if it belongs to another configuration.
+    finished: (grid, value_at) of a completed run's output, already checked to be of this
+      configuration: a σ equal to grid[j] (relative 1e-6) reuses value_at(j) before any part file.
+
+  Returns:
+    {index in sigmas: value}; prints how many noise levels are reused when there are any.
+  """
+  grid = np.asarray(finished[0] if finished else [], np.float64)
+  done = {}
+  for k, sigma in enumerate(sigmas):
+    match = np.flatnonzero(np.isclose(grid, sigma, rtol=1e-6, atol=0))
+    if match.size:
+      done[k] = finished[1](int(match[0]))
+    elif os.path.exists(part_path(sigma)):
+      done[k] = read_part(part_path(sigma))
+  if done:
+    print(f"resuming: {len(done)}/{len(sigmas)} noise levels already computed", flush=True)
+  return done

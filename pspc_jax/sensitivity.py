@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pspc_jax.files import save_json, save_npz
+from pspc_jax.files import (resume_per_sigma, save_json, save_npz,
+                            sigma_part_path)
 from pspc_jax.images import to_model_range
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -438,7 +439,7 @@ def maps_for_sigma(maps: SensitivityMaps, sigma):
 
 
 def _part_path(parts_dir: str, sigma: float) -> str:
-  return os.path.join(parts_dir, f"sigma_{sigma:.9e}.npz")
+  return sigma_part_path(parts_dir, sigma, ".npz")
 
 
 def _same_config(meta: dict, config: dict) -> bool:
@@ -481,26 +482,20 @@ def sensitivity_run(denoise: Denoiser, data, sigmas: Sequence[float], *, out: st
   config = {**config, "num_z": int(num_z), "seed": int(seed)}
   stem = os.path.splitext(out)[0]
   parts_dir = stem + "_parts"
-  done: dict[int, np.ndarray] = {}
-  if os.path.exists(out):
-    if not _same_config(load_maps_meta(out), config):
-      raise ValueError(f"{out} holds maps of a different configuration; choose another --out or "
+
+  def read_same_config(path) -> SensitivityMaps:
+    if not _same_config(load_maps_meta(path), config):
+      raise ValueError(f"{path} holds maps of a different configuration; choose another --out or "
                        "delete it")
-    previous = load_maps(out)
-    for k, sigma in enumerate(sigmas):
-      match = np.flatnonzero(np.isclose(previous.sigmas, sigma, rtol=1e-6, atol=0))
-      if match.size:
-        done[k] = previous.maps[match[0]]
-  for k, sigma in enumerate(sigmas):
-    path = _part_path(parts_dir, sigma)
-    if k not in done and os.path.exists(path):
-      if not _same_config(load_maps_meta(path), config):
-        raise ValueError(f"{path} holds maps of a different configuration; choose another --out or "
-                         "delete it")
-      done[k] = load_maps(path).maps[0]
+    return load_maps(path)
+
+  finished = None
+  if os.path.exists(out):
+    previous = read_same_config(out)
+    finished = (previous.sigmas, lambda j: previous.maps[j])
+  done = resume_per_sigma(sigmas, lambda sigma: _part_path(parts_dir, sigma),
+                          lambda path: read_same_config(path).maps[0], finished)
   reused = len(done)
-  if reused:
-    print(f"resuming: {reused}/{len(sigmas)} noise levels already computed", flush=True)
 
   todo = [k for k in range(len(sigmas)) if k not in done]
   if todo:

@@ -42,7 +42,8 @@ import numpy as np
 from pspc_jax import schedules
 from pspc_jax.denoisers.flex import flex_masks, pspc_flex_denoise
 from pspc_jax.denoisers.pspc import pspc_square_denoise
-from pspc_jax.files import atomic_write, save_json, save_npz
+from pspc_jax.files import (atomic_write, resume_per_sigma, save_json, save_npz,
+                            sigma_part_path)
 from pspc_jax.sampling import latents_from_seeds, sample
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -315,7 +316,7 @@ def flex_candidates(data, maps_for_sigma, thresholds: Sequence[float], *, method
 
 
 def _part_path(parts_dir: str, sigma: float) -> str:
-  return os.path.join(parts_dir, f"sigma_{sigma:.9e}.json")
+  return sigma_part_path(parts_dir, sigma, ".json")
 
 
 def _normalised(config: dict) -> dict:
@@ -438,31 +439,28 @@ def tune_run(data, reference: Denoiser, sigmas: Sequence[float], *, outdir: str,
 
   parts_dir = os.path.join(outdir, "parts")
   errors_path = os.path.join(outdir, "errors.json")
-  done: dict[int, dict] = {}  # σ index → {"num_z": K, "square": (M,) mse, "flex": (M',) mse}
+  finished = None
   if os.path.exists(errors_path):
     with open(errors_path) as f:
       previous = json.load(f)
     if previous.get("config") != config:
       raise ValueError(f"{errors_path} holds a run of a different configuration; choose another "
                        "--outdir or delete it")
-    for k, sigma in enumerate(sigmas):
-      match = np.flatnonzero(np.isclose(previous["sigmas"], sigma, rtol=1e-6, atol=0))
-      if match.size:
-        i = int(match[0])
-        done[k] = {"num_z": previous["num_z"][i],
-                   **{kind: _from_json(previous[kind]["mse"][i]) for kind in kinds}}
-  for k, sigma in enumerate(sigmas):
-    path = _part_path(parts_dir, sigma)
-    if k not in done and os.path.exists(path):
-      with open(path) as f:
-        part = json.load(f)
-      if part.get("config") != config:
-        raise ValueError(f"{path} holds a run of a different configuration; choose another "
-                         "--outdir or delete it")
-      done[k] = {"num_z": part["num_z"], **{kind: _from_json(part[kind]) for kind in kinds}}
+    finished = (previous["sigmas"],
+                lambda i: {"num_z": previous["num_z"][i],
+                           **{kind: _from_json(previous[kind]["mse"][i]) for kind in kinds}})
+
+  def read_part(path):
+    with open(path) as f:
+      part = json.load(f)
+    if part.get("config") != config:
+      raise ValueError(f"{path} holds a run of a different configuration; choose another "
+                       "--outdir or delete it")
+    return {"num_z": part["num_z"], **{kind: _from_json(part[kind]) for kind in kinds}}
+
+  # σ index → {"num_z": K, "square": (M,) mse, "flex": (M',) mse}
+  done = resume_per_sigma(sigmas, lambda sigma: _part_path(parts_dir, sigma), read_part, finished)
   reused = len(done)
-  if reused:
-    print(f"resuming: {reused}/{len(sigmas)} noise levels already computed", flush=True)
 
   todo = [k for k in range(len(sigmas)) if k not in done]
   if todo:
