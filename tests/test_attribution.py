@@ -13,36 +13,10 @@ import pytest
 import pspc_jax as pj
 from pspc_jax import attribution
 from pspc_jax.denoisers.masks import PixelMasks
-from reference import square_masks, to_float64
+from reference import composite_weights_reference, make_problem, square_masks, to_float64
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 2e-5
-
-
-def make_problem(height, width, channels, num, batch, sigma, seed=0):
-  rng = np.random.default_rng(seed)
-  data = rng.integers(0, 256, (num, height, width, channels)).astype(np.uint8)
-  x = to_float64(data)[rng.integers(0, num, batch)]
-  sigmas = np.broadcast_to(np.asarray(sigma, np.float64), (batch,))
-  z = (x + sigmas[:, None, None, None] * rng.standard_normal(x.shape)).astype(np.float32)
-  return jnp.asarray(z), jnp.asarray(data)
-
-
-def composite_weights_reference(z, sigma, data, masks):
-  """a[b, i, h, w] = (1/n_p) Σ_{C ∋ p} softmax_i(−‖Cz − Cx_i‖²/(2σ²)), one loop over masks."""
-  z = np.asarray(z, np.float64)
-  x = to_float64(data)
-  sigmas = np.broadcast_to(np.asarray(sigma, np.float64), (z.shape[0],))
-  out = np.zeros((z.shape[0], x.shape[0]) + z.shape[1:3])
-  count = np.zeros(z.shape[1:3])
-  for mask in masks:
-    count += mask
-    for b in range(z.shape[0]):
-      dist = ((z[b][mask][None] - x[:, mask]) ** 2).sum(axis=(1, 2))
-      logits = -dist / (2 * sigmas[b] ** 2)
-      w = np.exp(logits - logits.max())
-      out[b][:, mask] += (w / w.sum())[:, None]
-  return out / count
 
 
 def check_top_k(indices, weights, reference, k):

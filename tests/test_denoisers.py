@@ -11,22 +11,11 @@ import pspc_jax as pj
 from pspc_jax.data import load_dataset
 from pspc_jax.denoisers.masks import SquareWindows
 from pspc_jax.denoisers.pspc import composite_denoise
-from reference import empirical_reference, pspc_reference, square_masks, to_float64
+from reference import (empirical_reference, make_problem, pspc_reference, square_masks,
+                       to_float64)
 
 SIGMAS = (0.002, 0.05, 1.0, 80.0)
 TOL = 1e-4
-
-
-def make_problem(height, width, channels, num, batch, sigma, seed=0, dtype=np.uint8):
-  """uint8 (or float) data and forward-process queries z = x + σ ε around training images."""
-  rng = np.random.default_rng(seed)
-  data = rng.integers(0, 256, (num, height, width, channels)).astype(np.uint8)
-  if dtype != np.uint8:
-    data = (data / 127.5 - 1.0).astype(dtype)
-  x = to_float64(data)[rng.integers(0, num, batch)]
-  sigmas = np.broadcast_to(np.asarray(sigma, np.float64), (batch,))
-  z = (x + sigmas[:, None, None, None] * rng.standard_normal(x.shape)).astype(np.float32)
-  return jnp.asarray(z), jnp.asarray(data)
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)

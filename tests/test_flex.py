@@ -14,22 +14,12 @@ import pspc_jax as pj
 from pspc_jax import schedules
 from pspc_jax.denoisers import flex
 from pspc_jax.denoisers.masks import IndexMasks, PixelMasks
-from reference import pspc_reference, to_float64
+from reference import make_problem, pspc_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 HAVE_SENSITIVITY = importlib.util.find_spec("pspc_jax.sensitivity") is not None
 NO_SENSITIVITY = "pspc_jax.sensitivity (load_maps) is not written yet"
-
-
-def make_problem(height, width, channels, num, batch, sigma, seed=0):
-  """uint8 data and forward-process queries z = x + σ ε around training images."""
-  rng = np.random.default_rng(seed)
-  data = rng.integers(0, 256, (num, height, width, channels)).astype(np.uint8)
-  x = to_float64(data)[rng.integers(0, num, batch)]
-  sigmas = np.broadcast_to(np.asarray(sigma, np.float64), (batch,))
-  z = (x + sigmas[:, None, None, None] * rng.standard_normal(x.shape)).astype(np.float32)
-  return jnp.asarray(z), jnp.asarray(data)
 
 
 def random_maps(height, width, seed=0):
