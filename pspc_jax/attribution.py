@@ -76,8 +76,8 @@ class _Group(NamedTuple):
 
 
 def _square_masks(height: int, width: int, size: int) -> SquareWindows:
-  if not 1 <= int(size) <= min(height, width):
-    raise ValueError(f"patch size {size} does not fit {height}×{width} images")
+  if int(size) < 1:  # a size s covers min(s, H) × min(s, W) pixels (`SquareWindows`)
+    raise ValueError(f"patch size {size} must be at least 1 (on {height}×{width} images)")
   return SquareWindows(height, width, int(size))
 
 
@@ -351,9 +351,9 @@ def attribute(path, data: jax.Array, masks="auto", *, sigmas=None, k: int = 5,
   images.check_query_and_data(z[0], data)
   if isinstance(masks, str):
     if masks != "auto":
-      masks = schedules.parse_patch_schedule(masks, min(data.shape[1], data.shape[2]))
+      masks = schedules.parse_patch_schedule(masks, data.shape[1:3])
     else:
-      masks = schedules.patch_schedule_for(min(data.shape[1], data.shape[2]))
+      masks = schedules.patch_schedule_for(data.shape[1:3])
   lo, hi = sigma_range if sigma_range is not None else (0.0, math.inf)
   if _is_concrete(sigma):
     keep = np.flatnonzero(step_mask(np.asarray(sigma), (lo, hi)))

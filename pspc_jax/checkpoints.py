@@ -57,16 +57,35 @@ def _step_reader() -> ocp.Checkpointer:
 
 
 def _read(step_dir: str, what: str = "restore", **items) -> Any:
-  """Restores `items` (name=restore args) of a step folder, or its metadata if what="metadata";
-  a damaged or incomplete folder raises ValueError with orbax's first message line."""
+  """Restores `items` (name=restore args) of a step folder, or its metadata if what="metadata".
+
+  Raises:
+    ValueError: a damaged or incomplete folder (a missing, truncated or corrupt file), with the first
+      line of the innermost error orbax or TensorStore gives (which names the array and the file).
+  """
   reader = _step_reader()
   try:
     if what == "metadata":
       return reader.metadata(step_dir).item_metadata
     return reader.restore(step_dir, args=ocp.args.Composite(**items))
-  except (KeyError, ValueError, OSError) as err:
-    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    raise ValueError(f"cannot read checkpoint {step_dir}: {reason}") from err
+  except Exception as err:  # pylint: disable=broad-exception-caught
+    # orbax wraps TensorStore's read errors of damaged data files in a bare Exception.
+    if not (type(err) is Exception or isinstance(err, (KeyError, ValueError, OSError))):
+      raise
+    raise ValueError(f"cannot read checkpoint {step_dir} (damaged or incomplete): "
+                     f"{_first_line(_innermost(err))}") from err
+
+
+def _innermost(err: BaseException) -> BaseException:
+  """The end of the chain of explicit causes (`raise ... from`) of `err`."""
+  while err.__cause__ is not None:
+    err = err.__cause__
+  return err
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip()
+  return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def open_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:

@@ -56,7 +56,8 @@ def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one o
                       "integer, a comma list on the EDM grid, 'sigma:size' pairs or a JSON file "
                       "(bin/attribute: also the PSPC-Square patch sizes of the attribution)", **fv)
   flags.DEFINE_string("heatmaps", None,
-                      "pspc_flex: sensitivity maps .npz (bin/sensitivity); each σ uses the nearest "
+                      "pspc_flex: sensitivity maps, an .npz of bin/sensitivity or the official "
+                      "release's .npy (L, H, W, H, W) on the L-step EDM grid; each σ uses the nearest "
                       "map σ", **fv)
   flags.DEFINE_string("thresholds", "cifar10",
                       "pspc_flex: mass thresholds λ(σ) in (0, 1]: 'cifar10' (the paper's), a number, "
@@ -146,19 +147,54 @@ def parse_seeds(spec: str | None, count: int) -> list[int]:
   return seeds
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """absl `app.run` that reports bad input as one line on stderr (exit status 2), not a traceback."""
-  def guarded(argv):
-    # JAX reports at INFO level each accelerator plugin it did not find; users need not see that.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def one_line(message: str) -> str:
+  """`message` on one line: a line is joined to the one before by a space when that one ends in ':', '.'
+  or ';', else by '; ' (a problem list 'cannot convert:\n  a\n  b' becomes 'cannot convert: a; b')."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  text = lines[0] if lines else ""
+  for line in lines[1:]:
+    text += (" " if text.endswith((":", ".", ";")) else "; ") + line
+  return text
+
+
+def fail(message: str) -> None:
+  """Reports bad input the command-line way: 'error: <message>' on one stderr line, exit status 2."""
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses `argv` (program name first) into `flag_values`, as absl's `app.run` does, except that an
+  unknown flag, a bad flag value, a missing required flag or a positional argument is reported by
+  `fail` (one line, exit status 2) instead of absl's two lines and exit status 1.
+
+  Returns:
+    [program name] (the tools take no positional arguments).
+  """
+  try:
+    rest = flag_values(argv)
+  except flags.Error as err:
+    fail(f"{err} (see --helpshort)")
+  if len(rest) > 1:
+    fail(f"unexpected arguments: {' '.join(rest[1:])} (flags take the form --name=value)")
+  return rest
+
+
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main` with bad input (ValueError, OSError) reported by `fail` instead of a traceback."""
+  def run_main(argv):
     try:
       main(argv)
     except (ValueError, OSError) as err:
-      print(f"error: {err}", file=sys.stderr)
-      sys.exit(2)
-  app.run(guarded)
+      fail(str(err) or type(err).__name__)
+  return run_main
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """absl `app.run` whose bad flags and bad input are one line on stderr with exit status 2."""
+  # JAX reports at INFO level each accelerator plugin it did not find; users need not see that.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  app.run(guarded(main), flags_parser=parse_flags)
 
 
 class Progress:

@@ -60,13 +60,14 @@ def convert_edm_pickle(source: str | os.PathLike, destination: str | os.PathLike
     The checkpoint's sidecar (as `checkpoints.read_meta` returns it).
 
   Raises:
-    ValueError: not an EDMPrecond/SongUNet pickle, its weights do not match its config, or it references
-      code outside the reader's table of allowed globals (`pickle.UnpicklingError`, re-raised).
+    ValueError: not an EDMPrecond/SongUNet pickle, its weights do not match its config, or it is empty,
+      truncated or references code outside the reader's table of allowed globals
+      (`pickle.UnpicklingError`, re-raised).
   """
   try:
     config, params, precond = edm_pickle.load_edm_pickle(source, key=key)
   except pickle.UnpicklingError as err:
-    raise ValueError(f"{source}: {err}") from err
+    raise ValueError(f"{source}: cannot read it as an EDM pickle: {err}") from err
   image_shape = (precond["img_resolution"], precond["img_resolution"], precond["img_channels"])
   extra = {**file_provenance(source), "converter": "edm_pickle", "precond": precond,
            "num_params": num_params(params)}
@@ -77,7 +78,7 @@ def convert_edm_pickle(source: str | os.PathLike, destination: str | os.PathLike
 
 def convert_dit_state_dict(source: str | os.PathLike, destination: str | os.PathLike, network: dict, *,
                            entry: str | None = None, drop_learned_sigma: bool = False,
-                           sigma_data: float = 0.5) -> dict:
+                           fold_null_class: bool = False, sigma_data: float = 0.5) -> dict:
   """Converts a PyTorch DiT state dict into a checkpoint folder.
 
   Args:
@@ -86,6 +87,9 @@ def convert_dit_state_dict(source: str | os.PathLike, destination: str | os.Path
     network: the DiT config the weights belong to (e.g. `nets.presets()["dit_b4_cifar10"]`).
     entry: the top-level entry of a training checkpoint to read (default: "ema" when present).
     drop_learned_sigma: the model outputs 2C channels (learn_sigma=True); keep the mean's C.
+    fold_null_class: an unconditional DiT saved by the original code with label dropout holds a 1-row
+      class table (its classifier-free-guidance null class, added to every conditioning vector): fold
+      it into t_embedder's output bias (`dit_convert.dit_state_to_flax`).
     sigma_data: σ_data of the EDM preconditioning the network was trained with.
 
   Returns:
@@ -95,10 +99,11 @@ def convert_dit_state_dict(source: str | os.PathLike, destination: str | os.Path
     raise ValueError(f"state dicts are converted into DiT networks; --network has arch "
                      f"{network.get('arch')!r}")
   params = dit_convert.load_dit_params(source, network, drop_learned_sigma=drop_learned_sigma,
-                                       entry=entry)
+                                       entry=entry, fold_null_class=fold_null_class)
   image_shape = (network["img_resolution"], network["img_resolution"], network["in_channels"])
   extra = {**file_provenance(source), "converter": "dit_state_dict", "entry": entry,
-           "drop_learned_sigma": drop_learned_sigma, "num_params": num_params(params)}
+           "drop_learned_sigma": drop_learned_sigma, "fold_null_class": fold_null_class,
+           "num_params": num_params(params)}
   checkpoints.save_params(str(destination), params, network, extra, image_shape=image_shape,
                           sigma_data=sigma_data)
   return checkpoints.read_meta(str(destination))

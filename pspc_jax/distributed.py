@@ -16,7 +16,7 @@ Padding. N need not divide by the number of data shards: `shard_dataset` pads th
 with zero rows up to a multiple and returns `valid_rows` = N; the kernels (`valid_rows=`) set the
 distances of rows at global index ≥ N to +inf after the window sums, so they get weight exactly 0 at
 any finite σ (σ = 80 included), never take part in a minimum, and a shard of padding only keeps the
-empty state (min +inf, total 0, numerator 0: `SoftminStats.add(may_be_empty=True)`), which the merge
+empty state (min +inf, total 0, numerator 0: `SoftminStats.add`), which the merge
 scales by exp(−inf) = 0. The global total is ≥ 1 (the nearest real row has weight 1), so nothing is
 ever divided by zero. Without padding the kernels trace exactly their unpadded code.
 
@@ -62,10 +62,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pspc_jax import images
+from pspc_jax.denoisers.values import is_shardable
 
 DATA_AXIS = "data"
 BATCH_AXIS = "batch"
@@ -319,3 +321,77 @@ def replicate(x, mesh: Mesh):
     return x
   host = np.asarray(jax.device_get(x))
   return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
+
+
+@struct.dataclass
+class ShardedDenoiser:
+  """A denoiser value whose training set is sharded over a device mesh (`shard`).
+
+  Attributes:
+    inner: the single-device denoiser value, holding the padded global dataset (rows ≥ its
+      `valid_rows` are zero padding) and streaming its own shard inside `jax.shard_map`.
+    mesh: the device mesh (static).
+    data_axis: the mesh axis (or axes) of the dataset shards (static).
+    batch_axis: the mesh axis of the query batch, or None (queries replicated) (static).
+  """
+  inner: Any
+  mesh: Mesh = struct.field(pytree_node=False)
+  data_axis: Any = struct.field(pytree_node=False, default=DATA_AXIS)
+  batch_axis: Any = struct.field(pytree_node=False, default=BATCH_AXIS)
+
+  def __call__(self, z, sigma):
+    """x̂ (B, H, W, C), replicated over the data axis; any B (padded to the batch shards)."""
+    if jax.process_count() > 1:  # host arrays → global replicated arrays (same values on every host)
+      z, sigma = replicate(z, self.mesh), replicate(sigma, self.mesh)
+    z = jnp.asarray(z, jnp.float32)
+    if z.ndim != 4:
+      raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
+    batch = z.shape[0]
+    sigma = images.sigma_per_sample(sigma, batch)
+    pad = -batch % _axis_size(self.mesh, self.batch_axis)
+    if pad:  # copies of the last sample: same σ, so no extra schedule branch
+      z = jnp.concatenate([z, jnp.repeat(z[-1:], pad, axis=0)])
+      sigma = jnp.concatenate([sigma, jnp.repeat(sigma[-1:], pad)])
+    batch_spec = P(self.batch_axis)
+    inner_specs = jax.tree.map(lambda _: P(), self.inner).replace(data=P(self.data_axis))
+    # check_vma=False: the schedules' `lax.cond` dispatch returns a batch-varying value from one
+    # branch and its invariant operand from the other, which the varying-axes type check rejects.
+    # The output is replicated along the data axis all the same (every device of a data group ends
+    # with the same psum results).
+    mapped = jax.shard_map(lambda zz, ss, inner: inner(zz, ss), mesh=self.mesh,
+                           in_specs=(batch_spec, batch_spec, inner_specs), out_specs=batch_spec,
+                           check_vma=False)
+    return mapped(z, sigma, self.inner)[:batch]
+
+
+def shard(denoiser, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -> ShardedDenoiser:
+  """`denoiser` with its training set sharded over `mesh`: a denoiser value of the same results.
+
+  The dataset is padded and split along `data_axis` (`shard_dataset`: each device receives only its
+  rows); query batches are split along `batch_axis`. Inside `jax.shard_map` every device streams its
+  shard with the single-device kernel and the softmin states are merged exactly across the data axis
+  (module docstring), so the output equals the unsharded denoiser's up to float32 rounding.
+
+  Args:
+    denoiser: a shardable denoiser value (`values.is_shardable`: empirical, pspc_square, pspc,
+      pspc_flex), not already sharded.
+    mesh: the device mesh (`make_mesh`), on one or many hosts.
+    data_axis, batch_axis: mesh axes of the dataset shards and of the query batch (a batch axis the
+      mesh lacks replicates the queries).
+
+  Returns:
+    A `ShardedDenoiser`; pass it into `jax.jit` as an argument like any denoiser.
+
+  Raises:
+    ValueError: a denoiser that holds no shardable dataset, or one already sharded.
+  """
+  if not is_shardable(denoiser):
+    raise ValueError(f"a {type(denoiser).__name__} cannot shard a training set over devices; run it "
+                     "on one device, or use empirical, pspc_square, pspc or pspc_flex")
+  if denoiser.axis_name is not None:
+    raise ValueError("this denoiser is already sharded")
+  if batch_axis is not None and batch_axis not in mesh.axis_names:
+    batch_axis = None
+  dataset = shard_dataset(denoiser.data, mesh, data_axis)
+  inner = denoiser.replace(data=dataset.images, axis_name=data_axis, valid_rows=dataset.valid_rows)
+  return ShardedDenoiser(inner, mesh, data_axis, batch_axis)

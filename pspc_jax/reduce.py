@@ -114,6 +114,33 @@ def scan_chunks(step: Callable[..., tuple[Carry, Any]], init: Carry, data: jax.A
   return carry, outs
 
 
+def same_values(dists: jax.Array) -> jax.Array:
+  """Distances as every consumer (minimum, exponentials, this pass and the next) must see them.
+
+  Two guards, both exact no-ops on values: `lax.optimization_barrier` materialises the distances once
+  where the compiler honours it through fusion (GPU, TPU), and max(d, 0) fixes the last rounding where it
+  does not (XLA CPU drops barriers before fusing and recomputes the distances in every consumer). Without
+  the max, LLVM contracts a distance that ends in a product (one channel, one-pixel windows: d = a·a)
+  with the gap subtraction into fma(a, a, −m) in the exp fusion, i.e. it uses the exact a² there and
+  the rounded a² in the min fusion; it cannot contract through the max.
+  """
+  return jnp.maximum(lax.optimization_barrier(dists), 0.0)
+
+
+def exp_gap(values: jax.Array, reference: jax.Array, scale: jax.Array) -> jax.Array:
+  """exp((values − reference) · scale) for values ≥ reference and scale < 0, safe to differentiate.
+
+  A +inf value (padding, a masked pair, the minimum of an empty stream) gives exactly 0, and its
+  derivatives are 0 rather than 0·inf = NaN (the gap fed to exp is replaced by 0 there, so no infinite
+  factor reaches the chain rule). A value below the reference, which only a rounding mismatch between two
+  computations of the same distance can produce, counts as the reference itself (weight 1), never as a
+  weight > 1. At values = reference the gap keeps its derivative (d values), as a stopped reference needs.
+  """
+  present = values < jnp.inf
+  gap = jnp.where(present & (values >= reference), values - reference, 0.0)
+  return jnp.where(present, jnp.exp(gap * scale), 0.0)
+
+
 class SoftminStats(NamedTuple):
   """Running normaliser of a softmax over a stream of squared distances d_i with logits d_i · scale.
 
@@ -123,6 +150,16 @@ class SoftminStats(NamedTuple):
   no product for the compiler to contract into a fused multiply-add with the subtraction. Forming
   exp(d·scale − max) instead lets XLA round d·scale in one place and not in another; at σ = 1e-6 that
   one rounding is hundreds of nats.
+
+  The same values feed the minimum and the exponentials (`same_values`): XLA recomputes cheap
+  producers inside each consumer fusion, and a distance that differs by one rounding between the min
+  fusion and the exp fusion is fatal at small σ (at σ = 1e-3 and distances near 1e4, one ulp is about
+  500 nats: the nearest weight becomes exp(−500) = 0 instead of 1, and the output 0/0).
+
+  Derivatives. `min_dist` is a stopped value (`lax.stop_gradient`): the softmax does not depend on the
+  shift, so the exact derivative through the minimum is 0, and the derivatives in z and σ flow through
+  the distances and the scale only. The empty state (min +inf) and +inf distances contribute exactly 0
+  to values and derivatives (`exp_gap`).
 
   `scale` = −1/(2σ²) < 0 must broadcast against the state (e.g. (B, 1, 1) for a (B, Kh, Kw) state).
   """
@@ -134,42 +171,39 @@ class SoftminStats(NamedTuple):
     """The state of an empty stream (min_dist = +inf, total 0)."""
     return cls(jnp.full(shape, jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
 
-  def add(self, dists: jax.Array, scale: jax.Array, axis: int, *, may_be_empty: bool = False):
+  def add(self, dists: jax.Array, scale: jax.Array, axis: int):
     """Merges a chunk of distances along its dataset axis `axis`.
 
     Args:
-      dists: the chunk's distances; +inf marks a padding row (weight exactly 0).
+      dists: the chunk's distances; +inf marks a padding row or a left-out entry (weight exactly 0). A
+        chunk of +inf only, added to an empty state, leaves it empty (min +inf, total 0).
       scale: −1/(2σ²), broadcasting against the state.
       axis: the dataset axis of `dists`.
-      may_be_empty: set when a whole chunk, and the stream so far, may be padding (+inf): the state then
-        stays empty (min +inf, total 0) instead of turning NaN (inf − inf). Without padding the results
-        are the same bits either way; the flag only adds a select on the state.
 
     Returns:
       (new_state, weights, rescale): weights = exp((dists − new min) · scale), shaped like `dists`, and
-      rescale = exp((old min − new min) · scale), shaped like the state, by which running numerators
-      must be multiplied before adding Σ weights · values of this chunk.
+      rescale = exp((old min − new min) · scale) (0 for an empty old state), shaped like the state, by
+      which running numerators must be multiplied before adding Σ weights · values of this chunk.
     """
-    new_min = jnp.minimum(self.min_dist, jnp.min(dists, axis=axis))
-    # An empty stream (min +inf) is rescaled against 0 instead: weights exp(−inf) = 0, rescale 0.
-    reference = jnp.where(new_min < jnp.inf, new_min, 0.0) if may_be_empty else new_min
-    weights = self.weights(dists, reference, scale, axis)
-    # (inf − finite) · negative scale = −inf → rescale 0 for the empty initial state.
-    rescale = jnp.exp((self.min_dist - reference) * scale)
+    dists = same_values(dists)
+    new_min = lax.stop_gradient(jnp.minimum(self.min_dist, jnp.min(dists, axis=axis)))
+    weights = exp_gap(dists, jnp.expand_dims(new_min, axis), jnp.expand_dims(scale, axis))
+    rescale = exp_gap(self.min_dist, new_min, scale)
     return SoftminStats(new_min, self.total * rescale + jnp.sum(weights, axis=axis)), weights, rescale
 
   @staticmethod
   def weights(dists, min_dist, scale, axis):
-    """exp((dists − min_dist) · scale) with min_dist and scale expanded at the dataset axis."""
-    gap = jnp.maximum(dists - jnp.expand_dims(min_dist, axis), 0.0)
-    return jnp.exp(gap * jnp.expand_dims(scale, axis))
+    """exp((dists − min_dist) · scale) with min_dist and scale expanded at the dataset axis, from
+    `same_values(dists)`: a later pass over the same code sees the values `add` saw."""
+    return exp_gap(same_values(dists), jnp.expand_dims(min_dist, axis),
+                   jnp.expand_dims(scale, axis))
 
   def merge_across(self, scale: jax.Array, axis_name) -> "SoftminStats":
     """Merges the states held by the devices of mesh axis `axis_name` (inside `jax.shard_map`).
 
     The flash-attention rule across devices: the global minimum (pmin), then the sum (psum) of every
     device's total rescaled by exp((own min − global min) · scale) ≤ 1. Every device of the axis gets
-    the global state. A device that saw only padding (min +inf, total 0) contributes exp(−inf)·0 = 0.
+    the global state. A device that saw only padding (min +inf, total 0) contributes exactly 0.
     """
     return self.merge_values_across(scale, axis_name)[0]
 
@@ -180,8 +214,8 @@ class SoftminStats(NamedTuple):
     Returns:
       (global state, psum of values · rescale) — the values `None` when none are given.
     """
-    new_min = lax.pmin(self.min_dist, axis_name)
-    rescale = jnp.exp((self.min_dist - new_min) * scale)
+    new_min = lax.stop_gradient(lax.pmin(self.min_dist, axis_name))
+    rescale = exp_gap(self.min_dist, new_min, scale)
     merged = SoftminStats(new_min, lax.psum(self.total * rescale, axis_name))
     if values is None:
       return merged, None
@@ -227,7 +261,7 @@ def shard_valid_rows(local_rows: int, axis_name=None, valid_rows: int | None = N
 
 def mask_padding(dists: jax.Array, offset, local_valid, axis: int) -> jax.Array:
   """`dists` with the chunk rows at or after `local_valid` (row offset + i along `axis`) set to +inf,
-  so that they get weight exactly 0 whatever σ (`SoftminStats.add(..., may_be_empty=True)`)."""
+  so that they get weight exactly 0 whatever σ (`SoftminStats.add`, `exp_gap`)."""
   if local_valid is None:
     return dists
   rows = offset + lax.broadcasted_iota(jnp.int32, (dists.shape[axis],), 0)

@@ -30,7 +30,7 @@ from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import prepare_run_dir, save_json, save_npz
 from pspc_jax.images import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
-from pspc_jax.sampling import latents_from_seeds, sample
+from pspc_jax.sampling import SOLVERS, latents_from_seeds, sample
 
 
 def _load_samples(npz_path: str) -> dict[int, np.ndarray]:
@@ -96,18 +96,22 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
   """
   if batch_size < 1 or steps < 1:
     raise ValueError("--batch and --steps must be at least 1")
+  if solver not in SOLVERS:
+    raise ValueError(f"unknown --solver={solver!r}; choose one of {', '.join(SOLVERS)}")
   config = {"denoiser": denoiser, "options": config_options(options),
             "seeds": seeds, "steps": steps, "solver": solver, "dataset": dataset_name,
             "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
+  data = jnp.asarray(images)
+  # Built before anything is written, so that bad options (schedules, maps, checkpoint) leave no
+  # output folder behind. With a mesh, the host array is handed over so that each device receives
+  # only its shard.
+  denoise = make_denoiser(denoiser, images if mesh is not None else data, mesh=mesh, **options)
   npz_path = os.path.join(outdir, "samples.npz")
   done = {}
   if prepare_run_dir(outdir, config, "samples.npz"):
     done = _load_samples(npz_path)
     print(f"resuming: {len(done)}/{len(seeds)} samples already in {npz_path}", flush=True)
 
-  data = jnp.asarray(images)
-  # With a mesh, the host array is handed over so that each device receives only its shard.
-  denoise = make_denoiser(denoiser, images if mesh is not None else data, mesh=mesh, **options)
   sigmas = edm_sigmas(steps)
   clock = _BatchClock()
   # Per-step progress uses an ordered host callback, which XLA allows on one device only; with a mesh
@@ -155,21 +159,22 @@ def denoise_run(images: np.ndarray, *, denoisers: dict[str, dict], sigma: float,
   Returns:
     {denoiser: mean squared error to the clean images} (per pixel, model units).
   """
-  if sigma <= 0:
-    raise ValueError(f"--sigma must be positive, got {sigma}")
+  if not math.isfinite(sigma) or sigma <= 0:
+    raise ValueError(f"--sigma must be positive and finite, got {sigma}")
   if not indices or max(indices) >= images.shape[0]:
     raise ValueError(f"image indices must lie in [0, {images.shape[0]}), got {indices[:5]}...")
   config = {"denoisers": {k: config_options(opts) for k, opts in denoisers.items()},
             "sigma": sigma, "indices": indices, "noise_seed": noise_seed, "dataset": dataset_name}
-  prepare_run_dir(outdir, config, "never-resumed")
   data = jnp.asarray(images)
+  built = {name: make_denoiser(name, data, **options) for name, options in denoisers.items()}
+  prepare_run_dir(outdir, config, "never-resumed")
   x = to_model_range(data[jnp.asarray(indices)])
   z = x + sigma * latents_from_seeds(jnp.asarray(indices) + noise_seed, images.shape[1:])
   rows = {"clean x": np.asarray(x), f"z (σ={sigma:g})": np.asarray(z)}
   errors = {}
-  for name, options in denoisers.items():
+  for name, denoise in built.items():
     t = time.perf_counter()
-    out = np.asarray(jax.jit(make_denoiser(name, data, **options))(z, sigma))
+    out = np.asarray(jax.jit(denoise)(z, sigma))
     print(f"{name}: {time.perf_counter() - t:.2f}s", flush=True)
     rows[name] = out
     errors[name] = float(np.mean((out - np.asarray(x)) ** 2))
@@ -252,13 +257,12 @@ def attribute_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: li
     raise ValueError(f"--k must be at least 1, got {k}")
   if not 1 <= show <= 10 or batch_size < 1:
     raise ValueError("--show must be between 1 and 10 and --batch at least 1")
-  schedule = schedules.parse_patch_schedule(patch_schedule, min(images.shape[1:3]))
+  schedule = schedules.parse_patch_schedule(patch_schedule, images.shape[1:3])
   if k > images.shape[0]:
     raise ValueError(f"--k={k} exceeds the {images.shape[0]} training images")
-  os.makedirs(outdir, exist_ok=True)
-
   data = jnp.asarray(images)
   denoise = make_denoiser(denoiser, data, **options)
+  os.makedirs(outdir, exist_ok=True)
   sigmas = np.asarray(edm_sigmas(steps))
   clock = _BatchClock()
   reported = {}  # batch → the tenth of the dataset last reported

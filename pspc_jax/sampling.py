@@ -17,6 +17,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pspc_jax import validation
+
 SOLVERS = ("euler", "heun")
 
 
@@ -83,13 +85,16 @@ def sample(denoise: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray], latents, 
       skipped on a step to sigma = 0, so an N-step EDM grid costs 2N - 1 denoiser calls (Euler: N).
 
   The loop is a `jax.lax.scan`, so the whole sampler can be jitted (with `denoise` closed over);
-  sigmas may be traced, while solver, s_churn, return_trajectory and progress must be static.
+  sigmas may be traced, while solver, s_churn, return_trajectory and progress must be static. A
+  concrete grid is checked (see `sigmas` below); a traced one cannot be, and a negative or non-finite
+  σ in it makes the denoiser outputs, hence the samples, NaN (`images.sigma_per_sample`).
 
   Args:
     denoise: `denoise(z, sigma) -> x_hat` with z (B, H, W, C) and sigma a scalar.
-    latents: (B, H, W, C) standard normal latents (see :func:`latents_from_seeds`); the prior is
-      z_0 = sigmas[0] * latents.
-    sigmas: (N + 1,) decreasing noise levels, all positive except possibly the last (usually 0).
+    latents: (B, H, W, C) finite standard normal latents (see :func:`latents_from_seeds`); the prior
+      is z_0 = sigmas[0] * latents. B = 0 gives an empty (0, H, W, C) result.
+    sigmas: (N + 1,) noise levels, N ≥ 1, non-increasing from σ_max, finite and positive except
+      possibly the last (usually 0).
     solver: "euler" or "heun".
     s_churn: EDM's S_churn >= 0, the total amount of churn over the N steps; 0 gives the deterministic
       sampler.
@@ -103,17 +108,21 @@ def sample(denoise: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray], latents, 
 
   Returns:
     float32 samples z_N of shape (B, H, W, C), or `(samples, Trajectory)` if return_trajectory.
+
+  Raises:
+    ValueError: unknown solver; s_churn or s_noise negative or not finite; latents not (B, H, W, C)
+      or (concrete) not finite; sigmas not a grid as above (values checked when concrete).
   """
   if solver not in SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-  if s_churn < 0:
-    raise ValueError(f"s_churn must be >= 0, got {s_churn}")
+  validation.check_non_negative(s_churn, "s_churn")
+  validation.check_non_negative(s_noise, "s_noise")
+  validation.check_sigma_grid(sigmas)
   latents = jnp.asarray(latents, dtype=jnp.float32)
   sigmas = jnp.asarray(sigmas, dtype=jnp.float32)
   if latents.ndim != 4:
     raise ValueError(f"latents must have shape (B, H, W, C), got {latents.shape}")
-  if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-    raise ValueError(f"sigmas must have shape (N + 1,) with N >= 1, got {sigmas.shape}")
+  validation.check_finite(latents, "latents")
   num_steps = sigmas.shape[0] - 1
   churn = s_churn > 0
   if churn:

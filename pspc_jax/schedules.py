@@ -5,6 +5,9 @@ A schedule is a grid of σ with one value per grid point; any other σ takes the
 splits the difference between neighbouring EDM grid points geometrically (the grid is nearly geometric),
 and keep the linear rule available as `metric="linear"`.
 
+Patch sizes apply to H×W images as min(s, H) × min(s, W) windows (`masks.SquareWindows`), so
+s ≥ max(H, W) is the whole image; `patch_schedule_for` rescales the CIFAR-10 sizes to any H×W.
+
 Schedules are hashable, static objects; `index(sigma)` works on traced σ inside `jax.jit`, and
 `dispatch` turns one static-parameter denoiser per schedule value into a single `denoise(z, sigma)` that
 accepts batches mixing noise levels (`dispatch_indexed` with any per-sample branch choice, e.g. the pair
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pspc_jax import images
+from pspc_jax import images, validation
 from pspc_jax.edm import edm_sigmas
 
 # CIFAR-10 (32×32) patch size per σ of the 18-step EDM grid (σ = 80 … 0.002), from the official release.
@@ -113,15 +116,34 @@ def cifar10_flex_schedule(metric: str = "log") -> SigmaSchedule:
   return on_edm_grid(tuple(float(v) for v in CIFAR10_FLEX_THRESHOLDS), metric)
 
 
-def patch_schedule_for(side: int, metric: str = "log") -> SigmaSchedule:
-  """The CIFAR-10 patch schedule rescaled to images of side `side` (our heuristic, not the paper's).
+def image_sides(shape) -> tuple[int, int]:
+  """(H, W) from one side (square images) or an (H, W) pair; ValueError unless both are integers ≥ 1."""
+  sides = (shape, shape) if np.ndim(shape) == 0 else tuple(shape)
+  if len(sides) != 2:
+    raise ValueError(f"image shape must be one side or (H, W), got {shape!r}")
+  return (validation.positive_int(sides[0], "image height"),
+          validation.positive_int(sides[1], "image width"))
 
-  s ↦ clip(round(s · side / 32), min(3, side), side): full-image entries stay full-image and the
-  smallest patches stay 3×3. On 32×32 images this is exactly the CIFAR-10 schedule.
+
+def patch_schedule_for(shape, metric: str = "log") -> SigmaSchedule:
+  """The CIFAR-10 patch schedule rescaled to H×W images (our heuristic, not the paper's).
+
+  A patch size s applies to an H×W image as min(s, H) × min(s, W) windows (`masks.SquareWindows`), so
+  s ≥ max(H, W) is the whole image. With side = min(H, W), a CIFAR-10 size s < 32 becomes the square
+  clip(round(s · side / 32), min(3, side), side) (the smallest patches stay 3×3), and a full-image entry
+  (s = 32) becomes max(H, W): the whole image, also on rectangles. On 32×32 images this is exactly the
+  CIFAR-10 schedule.
+
+  Args:
+    shape: the image side (square images) or (H, W).
+    metric: "log" or "linear" (see `SigmaSchedule`).
   """
+  height, width = image_sides(shape)
+  side = min(height, width)
   base = cifar10_patch_schedule(metric)
-  low = min(3, side)
-  sizes = tuple(int(np.clip(round(s * side / 32), low, side)) for s in base.values)
+  full = max(CIFAR10_PATCH_SIZES)
+  sizes = tuple(max(height, width) if s >= full
+                else int(np.clip(round(s * side / full), min(3, side), side)) for s in base.values)
   return dataclasses.replace(base, values=sizes)
 
 
@@ -132,9 +154,9 @@ def parse_schedule(spec: str, *, value_type: Callable[[str], Any] = int,
 
   Accepted forms: a name in `named` ("cifar10", optionally with a ":log" or ":linear" suffix that picks
   the nearest-σ metric: `named[name](metric)`); a path to a JSON file written by
-  `SigmaSchedule.to_json`; one value ("7", the same value at every σ); a comma-separated list of
-  values, one per σ of the EDM grid of that many steps ("32,32,…,3"); "σ:value" pairs
-  ("80:32,1:7,0.1:3").
+  `SigmaSchedule.to_json` (a spec ending in ".json" always names a file: "no such file" if absent);
+  one value ("7", the same value at every σ); a comma-separated list of values, one per σ of the EDM
+  grid of that many steps ("32,32,…,3"); "σ:value" pairs ("80:32,1:7,0.1:3").
 
   Args:
     spec: the string.
@@ -150,10 +172,8 @@ def parse_schedule(spec: str, *, value_type: Callable[[str], Any] = int,
   head, _, metric = spec.partition(":")
   if head in named:
     return named[head](metric or "log")
-  if os.path.isfile(spec):
-    with open(spec) as f:
-      schedule = SigmaSchedule.from_json(f.read())
-    return dataclasses.replace(schedule, values=tuple(value_type(v) for v in schedule.values))
+  if os.path.isfile(spec) or spec.lower().endswith(".json"):
+    return _read_schedule_file(spec, value_type, what)
   try:
     if ":" in spec:
       pairs = [item.split(":") for item in spec.split(",")]
@@ -167,23 +187,51 @@ def parse_schedule(spec: str, *, value_type: Callable[[str], Any] = int,
                      "comma-separated list, 'sigma:value' pairs or a JSON file") from None
 
 
-def parse_patch_schedule(spec: str, side: int) -> SigmaSchedule:
-  """Builds a patch-size schedule from a command-line string (`parse_schedule` grammar).
-
-  Named forms: "auto" (CIFAR-10 schedule rescaled to `side`, see `patch_schedule_for`) and "cifar10"
-  (the paper's values, unscaled); otherwise integers ("7", a list on the EDM grid, "σ:s" pairs) or a
-  JSON file.
+def _read_schedule_file(path: str, value_type: Callable[[str], Any], what: str) -> SigmaSchedule:
+  """The schedule of a JSON file written by `SigmaSchedule.to_json`, its values made `value_type`.
 
   Raises:
-    ValueError: with a one-line reason, for malformed specs and patch sizes outside [1, side].
+    ValueError: one line: no such file, unreadable, not JSON, or not {"sigmas": [...], "values": [...]}.
   """
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise ValueError(f"{what} file {path}: no such file") from None
+  except (OSError, UnicodeDecodeError) as err:
+    raise ValueError(f"{what} file {path}: cannot read it ({err})") from None
+  try:
+    schedule = SigmaSchedule.from_json(text)
+    return dataclasses.replace(schedule, values=tuple(value_type(v) for v in schedule.values))
+  except (ValueError, KeyError, TypeError) as err:
+    raise ValueError(f"{what} file {path}: not a schedule, expected JSON {{\"sigmas\": [...], "
+                     f"\"values\": [...]}} as bin/tune_schedule writes ({type(err).__name__}: "
+                     f"{err})") from None
+
+
+def parse_patch_schedule(spec: str, shape) -> SigmaSchedule:
+  """Builds a patch-size schedule from a command-line string (`parse_schedule` grammar).
+
+  Named forms: "auto" (CIFAR-10 schedule rescaled to the image, see `patch_schedule_for`) and "cifar10"
+  (the paper's values, unscaled); otherwise integers ("7", a list on the EDM grid, "σ:s" pairs) or a
+  JSON file. A size s means min(s, H) × min(s, W) windows, so max(H, W) is the whole image.
+
+  Args:
+    spec: the string.
+    shape: the image side (square images) or (H, W).
+
+  Raises:
+    ValueError: with a one-line reason, for malformed specs and patch sizes outside [1, max(H, W)].
+  """
+  height, width = image_sides(shape)
   schedule = parse_schedule(spec, value_type=int, what="patch schedule",
-                            named={"auto": lambda metric: patch_schedule_for(side, metric),
+                            named={"auto": lambda metric: patch_schedule_for((height, width), metric),
                                    "cifar10": cifar10_patch_schedule})
-  bad = [s for s in schedule.values if not 1 <= int(s) <= side]
+  largest = max(height, width)
+  bad = [s for s in schedule.values if not 1 <= int(s) <= largest]
   if bad:
-    raise ValueError(f"patch size {bad[0]} does not fit {side}×{side} images "
-                     f"(patch sizes must be between 1 and {side})")
+    raise ValueError(f"patch size {bad[0]} does not fit {height}×{width} images (patch sizes must be "
+                     f"between 1 and {largest}, the whole image)")
   return schedule
 
 

@@ -131,6 +131,22 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_arch):
     checkpoints.load_network(str(tmp_path / "net"))
 
 
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_data_files_give_one_clear_error(tmp_path, tiny_arch, damage):
+  checkpoints.save_params(str(tmp_path / "net"), _tiny_params(), tt.TINY, image_shape=(8, 8, 1))
+  # TensorStore's data files: the arrays and their zarr metadata.
+  for path in (tmp_path / "net" / "ema_params").glob("**/d/*"):
+    if damage == "delete":
+      os.remove(path)
+    else:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ValueError, match=r"cannot read checkpoint .* \(damaged or incomplete\): "
+                                       r"\w+: Error (reading|opening)") as err:
+    make_denoiser("network", jnp.asarray(tt._images()), checkpoint=str(tmp_path / "net"))
+  assert "\n" not in str(err.value)
+
+
 def _tool(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, os.path.join(REPO, "bin", args[0]), *args[1:]],

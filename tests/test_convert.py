@@ -1,6 +1,7 @@
 """`pspc_jax.convert` and `bin/convert`: public weights in, loadable checkpoints out."""
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from flax import traverse_util
 from pspc_jax import checkpoints, convert
 from pspc_jax.nets.dit_convert import flax_to_dit_state
 from pspc_jax.nets.precond import edm_denoiser
-from test_dit import TINY, _write_safetensors, tiny
+from test_dit import TINY, _unconditional_state, _write_safetensors, tiny
 from test_edm_pickle import _edm_pickle, persistence  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,32 @@ def test_dit_safetensors_convert_and_need_a_network(tmp_path):
   assert meta["extra"]["converter"] == "dit_state_dict"
   _, loaded, _ = checkpoints.load_network(tmp_path / "ckpt", image_shape=(8, 8, 3))
   _assert_same_params(loaded, params)
+
+
+def test_unconditional_dit_with_a_null_class_row_converts_when_folded(tmp_path):
+  state, params, table, config = _unconditional_state(1)
+  source = tmp_path / "dit.safetensors"
+  _write_safetensors(source, {key: ("F32", np.asarray(value, "<f4")) for key, value in state.items()})
+  with pytest.raises(ValueError, match="--fold_null_class"):
+    convert.convert(source, tmp_path / "refused", network=config)
+  assert not (tmp_path / "refused").exists()
+  meta = convert.convert(source, tmp_path / "ckpt", network=config, fold_null_class=True)
+  assert meta["extra"]["fold_null_class"] is True
+  _, loaded, _ = checkpoints.load_network(tmp_path / "ckpt")
+  np.testing.assert_allclose(loaded["t_embedder"]["mlp_2"]["bias"],
+                             params["t_embedder"]["mlp_2"]["bias"] + table[0], rtol=1e-6)
+
+
+def test_empty_and_foreign_pickles_are_refused(tmp_path):
+  empty = tmp_path / "empty.pkl"
+  empty.write_bytes(b"")
+  with pytest.raises(ValueError, match="empty.pkl: cannot read it as an EDM pickle: the file is empty"):
+    convert.convert(empty, tmp_path / "ckpt")
+  foreign = tmp_path / "foreign.pkl"
+  foreign.write_bytes(pickle.dumps({"ema": {"weights": np.zeros(2)}}))
+  with pytest.raises(ValueError, match="the entry 'ema' holds a dict with keys 'weights'$"):
+    convert.convert(foreign, tmp_path / "ckpt")
+  assert not (tmp_path / "ckpt").exists()
 
 
 def test_bad_sources_are_refused(tmp_path):

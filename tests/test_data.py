@@ -526,6 +526,47 @@ def test_bad_labels_json(tmp_path):
     load_dataset(folder)
 
 
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_image_listed_twice_in_dataset_json(tmp_path, kind):
+  images, labels = _random_images(4), _labels(4)
+  names = _edm_names(4)
+  repeated = [[n, int(l)] for n, l in zip(names, labels)]
+
+  def load(entries):
+    text = json.dumps({"labels": entries})
+    if kind == "zip":
+      with zipfile.ZipFile(tmp_path / "set.zip", "w") as archive:
+        for name, image in zip(names, images):
+          archive.writestr(name, _encode(image))
+        archive.writestr("dataset.json", text)
+      return load_dataset(tmp_path / "set.zip")
+    folder = _write_folder(tmp_path / "folder", images, labels)
+    (folder / "dataset.json").write_text(text)
+    return load_dataset(folder)
+
+  # The same label twice says nothing new: accepted.
+  np.testing.assert_array_equal(load(repeated + [repeated[2]]).labels, labels)
+  # Different labels: refused, naming the image (before, the last label silently won).
+  with pytest.raises(DatasetError, match=f"{names[2]} is listed twice, with labels "
+                                         f"{int(labels[2])} and {int(labels[2]) + 1}"):
+    load(repeated + [[names[2], int(labels[2]) + 1]])
+
+
+def test_replaced_archive_with_the_same_size_and_mtime_is_decoded_again(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_CACHE_MIN_IMAGES", 1)
+  archive, cache = tmp_path / "set.zip", tmp_path / "cache"
+  first, second = _random_images(seed=1), _random_images(seed=2)
+  # Uncompressed PNGs in a stored zip: the archive's size depends only on the image sizes.
+  _write_zip(archive, first, None, compress_level=0)
+  stat = archive.stat()
+  np.testing.assert_array_equal(load_dataset(archive, cache_dir=cache).images, first)
+  _write_zip(archive, second, None, compress_level=0)
+  os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert archive.stat().st_size == stat.st_size and archive.stat().st_mtime_ns == stat.st_mtime_ns
+  np.testing.assert_array_equal(load_dataset(archive, cache_dir=cache).images, second)
+  assert len(list((cache / "decoded").iterdir())) == 2  # the old entry was replaced
+
+
 @pytest.mark.parametrize("max_images", [0, -1, 2.5])
 def test_bad_max_images(max_images):
   with pytest.raises(DatasetError, match="max_images"):

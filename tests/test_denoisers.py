@@ -126,8 +126,8 @@ def test_denoisers_are_jittable_with_traced_sigma():
 
 def test_bad_inputs_raise_clear_errors():
   z, data = make_problem(6, 6, 3, num=5, batch=2, sigma=0.5)
-  with pytest.raises(ValueError, match="patch size 7"):
-    pj.pspc_square_denoise(z, 0.5, data, 7)
+  with pytest.raises(ValueError, match="patch_size must be an integer >= 1"):
+    pj.pspc_square_denoise(z, 0.5, data, 0)  # 7 ≥ max(H, W) is the whole image (tests/test_nonsquare)
   with pytest.raises(ValueError, match="covered by no mask"):
     masks = np.zeros((2, 6, 6), bool)
     masks[:, :3] = True

@@ -1,10 +1,13 @@
 """DiT in Flax: shapes, initialisation, fixed embeddings, checkpoint reading and conversion."""
 
 import argparse
+import contextlib
 import functools
 import json
 import math
+import pickle
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -170,8 +173,53 @@ def test_conversion_reports_every_problem():
   for part in ("blocks.0.mlp.fc1.weight: shape", "extra.weight: no matching", "pos_embed: differs",
                "final_layer/linear/bias: no state-dict key final_layer.linear.bias"):
     assert part in message
-  with pytest.raises(ValueError, match="y_embedder.embedding_table.weight: no matching"):
+  with pytest.raises(ValueError, match="embedding_table.weight: 6 rows: the network is class-conditional"):
     dit_state_to_flax(flax_to_dit_state(params, TINY), {**TINY, "label_dim": 0})
+
+
+def _unconditional_state(table_rows, seed=0):
+  """(state of an unconditional TINY DiT plus a (table_rows, 32) class table, its params, the table)."""
+  rng = np.random.default_rng(seed)
+  config = {**TINY, "label_dim": 0}
+  _, params, *_ = tiny()
+  params = {k: v for k, v in params.items() if k != "y_embedder"}
+  table = (0.2 * rng.standard_normal((table_rows, TINY["hidden_size"]))).astype(np.float32)
+  state = {**flax_to_dit_state(params, config), "y_embedder.embedding_table.weight": table}
+  return state, params, table, config
+
+
+def test_empty_class_table_of_an_unconditional_dit_is_accepted():
+  # DiT(num_classes=0, class_dropout_prob=0) saves an empty (0, D) class table: it holds no parameter.
+  state, params, _, config = _unconditional_state(0)
+  converted = dit_state_to_flax(state, config)
+  jax.tree.map(np.testing.assert_array_equal, converted, jax.tree.map(np.asarray, params))
+
+
+def test_null_class_table_of_an_unconditional_dit_is_refused_with_advice_or_folded():
+  # DiT(num_classes=0) with label dropout holds one row, the null class, and adds it to c for every
+  # sample: c = t_embedder(t) + row. The same network is a DiT with one class and no dropout, given
+  # label 0 (an independent reference for the folded conversion).
+  state, params, table, config = _unconditional_state(1)
+  with pytest.raises(ValueError, match="null class .* fold_null_class=True"):
+    dit_state_to_flax(state, config)
+  folded = dit_state_to_flax(state, config, fold_null_class=True)
+  reference = make_network({**TINY, "label_dim": 1, "class_dropout_prob": 0.0})
+  reference_params = {**params, "y_embedder": {"embedding_table": {"embedding": table}}}
+  _, _, x, c_noise, _ = tiny()
+  expected = reference.apply({"params": reference_params}, x, c_noise, jnp.zeros((2,), jnp.int32))
+  out = make_network(config).apply({"params": folded}, x, c_noise)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  assert float(jnp.abs(out - make_network(config).apply({"params": params}, x, c_noise)).max()) > 1e-3
+  with pytest.raises(ValueError, match="holds no"):
+    dit_state_to_flax(_unconditional_state(0)[0], config, fold_null_class=True)
+
+
+def test_class_table_with_or_without_a_null_row_names_the_config_to_use():
+  _, params, *_ = tiny()  # label_dim 5 with label dropout: 6 rows, the last the null class.
+  state = flax_to_dit_state(params, TINY)
+  with pytest.raises(ValueError, match="set label_dim to 6 with class_dropout_prob 0 .* or to 5 with "
+                                       "class_dropout_prob > 0"):
+    dit_state_to_flax(state, {**TINY, "class_dropout_prob": 0.0})
 
 
 def test_drop_learned_sigma_keeps_the_mean_channels():
@@ -243,8 +291,50 @@ def test_load_dit_params_from_torch_checkpoint(tmp_path):
 
 def test_torch_checkpoints_without_torch_name_the_extra(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)
-  with pytest.raises(ImportError, match=r"pspc-jax\[convert\]"):
+  with pytest.raises(ValueError, match=r"needs torch \(pip install 'pspc-jax\[convert\]'\)"):
     load_state_dict(tmp_path / "ckpt.pt")
+
+
+class _FakeTorch(types.ModuleType):
+  """Stands for torch: `load` raises what torch raises for the file, after recording its arguments."""
+
+  def __init__(self, error):
+    super().__init__("torch")
+    self.error, self.calls = error, []
+    self.Tensor = type("Tensor", (), {})
+    self.serialization = types.SimpleNamespace(safe_globals=lambda allowed: contextlib.nullcontext())
+
+  def load(self, path, **kwargs):
+    self.calls.append(kwargs)
+    raise self.error
+
+
+# The message torch 2.6 gives for a file holding code, which advises loading it unsafely.
+_TORCH_REFUSAL = (
+    "Weights only load failed. This file can still be loaded, to do so you have two options, do those "
+    "steps only if you trust the source of the checkpoint.\n\t(1) In PyTorch 2.6, we changed the "
+    "default value of the `weights_only` argument in `torch.load` from `False` to `True`. Re-running "
+    "`torch.load` with `weights_only` set to `False` will likely succeed, but it can result in "
+    "arbitrary code execution.\nWeightsUnpickler error: Unsupported global: GLOBAL posix.system was "
+    "not an allowed global by default.")
+
+
+@pytest.mark.parametrize("error, message", [
+    (pickle.UnpicklingError(_TORCH_REFUSAL),
+     "holds code or objects that are not tensors \\(it references posix.system\\); it will not be loaded"),
+    (RuntimeError("Invalid magic number; corrupt file? (weights_only=False would not help)"),
+     "not a readable PyTorch file \\(RuntimeError\\)"),
+    (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"),
+     "not a readable PyTorch file \\(PytorchStreamReader failed"),
+])
+def test_torch_files_holding_code_are_refused_without_unsafe_advice(tmp_path, monkeypatch, error,
+                                                                     message):
+  fake = _FakeTorch(error)
+  monkeypatch.setitem(sys.modules, "torch", fake)
+  with pytest.raises(ValueError, match=message) as refused:
+    load_state_dict(tmp_path / "payload.pt")
+  assert "weights_only" not in str(refused.value) and "False" not in str(refused.value)
+  assert fake.calls == [{"map_location": "cpu", "weights_only": True}]
 
 
 def _torch_block(torch, state, x, c, heads):

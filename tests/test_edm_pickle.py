@@ -243,3 +243,29 @@ def test_rejects_pickles_without_an_edm_precond(tmp_path, persistence):
     edm_pickle.load_edm_pickle(data, key="model")
   with pytest.raises(ValueError, match="expected an EDMPrecond"):
     edm_pickle.load_edm_pickle(data, key="loss_fn")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty or truncated"),
+    (pickle.dumps({"ema": [1, 2, 3]})[:-5], "truncated"),
+    (b"hello world\n", "Memo value not found"),
+    # An allowed global called with arguments it cannot take: OrderedDict(1).
+    (b"\x80\x04ccollections\nOrderedDict\nK\x01\x85R.", r"not a readable pickle \(TypeError"),
+])
+def test_malformed_pickles_raise_unpickling_errors(data, message):
+  with pytest.raises(pickle.UnpicklingError, match=message):
+    edm_pickle.load_pickle(data)
+
+
+def test_refusals_say_what_the_pickle_holds(tmp_path, persistence):
+  data, _ = _edm_pickle(tmp_path, "numpy", 4)
+  with pytest.raises(ValueError, match="the entry 'loss_fn' holds a persistent EDMLoss object$"):
+    edm_pickle.load_edm_pickle(data, key="loss_fn")
+  with pytest.raises(ValueError, match="the entry 'dataset_kwargs' holds a dict with keys 'path'$"):
+    edm_pickle.load_edm_pickle(data, key="dataset_kwargs")
+  with pytest.raises(ValueError, match=r"the pickle holds a float32 array of shape \(2, 3\)$"):
+    edm_pickle.load_edm_pickle(pickle.dumps(np.zeros((2, 3), np.float32)))
+  vp = _NumpyPersistent(_source(tmp_path / "marker"), "VPPrecond", {})
+  with pytest.raises(ValueError, match="the network is a VPPrecond: EDM's VP/VE/iDDPM baselines"):
+    edm_pickle.load_edm_pickle(pickle.dumps({"ema": vp}))
+  assert not (tmp_path / "marker").exists()

@@ -171,10 +171,56 @@ def test_load_rejects_missing_arrays_and_unreadable_files(tmp_path):
   with pytest.raises(ValueError, match="missing maps"):
     sens.load_maps(tmp_path / "a.npz")
   (tmp_path / "b.npz").write_text("not a zip")
-  with pytest.raises(ValueError, match="cannot read"):
+  with pytest.raises(ValueError, match="b.npz: not a sensitivity-maps file"):
     sens.load_maps(tmp_path / "b.npz")
   with pytest.raises(ValueError, match="JSON"):
     sens.save_maps(tmp_path / "c.npz", _maps(), {"bad": object()})
+
+
+@pytest.mark.parametrize("content", [b"# README\n\nplain text\n", b""])
+def test_files_that_are_not_maps_are_named_as_such_without_pickle_advice(tmp_path, content):
+  path = tmp_path / "README.md"
+  path.write_bytes(content)
+  for read in (sens.load_maps, sens.load_maps_meta):
+    with pytest.raises(ValueError, match="README.md: not a sensitivity-maps file") as err:
+      read(path)
+    assert "pickle" not in str(err.value)
+  with pytest.raises(ValueError, match="none.npz: no such sensitivity-maps file"):
+    sens.load_maps(tmp_path / "none.npz")
+
+
+def _edm_grid(num_steps):
+  """EDM's σ_i (Karras et al. 2022, Eq. 5; σ_max 80, σ_min 0.002, ρ 7), float64, without the final 0."""
+  ramp = np.arange(num_steps) / (num_steps - 1)
+  return (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+
+
+def test_official_release_npy_is_read_on_the_edm_grid(tmp_path):
+  maps = np.random.default_rng(0).random((18, 3, 4, 3, 4)).astype(np.float32)
+  np.save(tmp_path / "maps.npy", maps)
+  loaded = sens.load_maps(tmp_path / "maps.npy")
+  np.testing.assert_allclose(loaded.sigmas, _edm_grid(18), rtol=1e-6)  # float32-rounded grid
+  np.testing.assert_array_equal(loaded.maps, maps)
+  assert sens.load_maps_meta(tmp_path / "maps.npy") == {}
+  np.save(tmp_path / "flat.npy", maps.reshape(18, 12, 12))
+  with pytest.raises(ValueError, match=r"official layout \(L, H, W, H, W\), got shape \[18, 12, 12\]"):
+    sens.load_maps(tmp_path / "flat.npy")
+  np.save(tmp_path / "negative.npy", -maps)
+  with pytest.raises(ValueError, match="negative"):
+    sens.load_maps(tmp_path / "negative.npy")
+
+
+def test_bin_sample_with_official_release_maps(tmp_path):
+  # The official layout read as the same maps on the EDM grid is pinned above; here the tool runs
+  # with it (it crashed with a TypeError before).
+  from test_cli_errors import run_in_process  # pylint: disable=import-outside-toplevel
+  np.save(tmp_path / "maps.npy", np.random.default_rng(1).random((18, 8, 8, 8, 8)).astype(np.float32))
+  out = tmp_path / "out"
+  status, lines = run_in_process("sample", "--denoiser=pspc_flex", f"--heatmaps={tmp_path}/maps.npy",
+                                 "--seeds=0-1", "--steps=3", "--max_images=64", f"--outdir={out}")
+  assert status == 0, lines
+  with np.load(out / "samples.npz") as saved:
+    assert saved["samples"].shape == (2, 8, 8, 1) and np.isfinite(saved["samples"]).all()
 
 
 def test_maps_for_sigma_nearest_in_log_sigma():

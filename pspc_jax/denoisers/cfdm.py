@@ -63,7 +63,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pspc_jax import images
+from pspc_jax import images, validation
 from pspc_jax.denoisers.empirical import empirical_denoise
 
 DEFAULT_SMOOTHING = 0.3
@@ -76,10 +76,8 @@ def cfdm_noise(image_shape, num_noise: int = DEFAULT_NUM_NOISE, noise_seed: int 
 
   With `antithetic` and M even, draws M/2 and appends their negatives.
   """
-  num_noise = int(num_noise)
-  if num_noise < 1:
-    raise ValueError(f"num_noise must be at least 1, got {num_noise}")
-  key = jax.random.key(int(noise_seed))
+  num_noise = validation.positive_int(num_noise, "num_noise")
+  key = jax.random.key(validation.positive_int(noise_seed, "noise_seed", minimum=0))
   if antithetic and num_noise % 2 == 0:
     half = jax.random.normal(key, (num_noise // 2,) + tuple(image_shape), jnp.float32)
     return jnp.concatenate([half, -half])
@@ -97,22 +95,26 @@ def cfdm_denoise(z: jax.Array, sigma, data: jax.Array, smoothing=DEFAULT_SMOOTHI
     z: (B, H, W, C) float32 noisy images (EDM units).
     sigma: scalar or (B,) noise levels (EDM σ); a batch may mix levels.
     data: (N, H, W, C) training images, uint8 in [0, 255] or float in [-1, 1].
-    smoothing: the paper's smoothing parameter σ ≥ 0 (λ above; default `DEFAULT_SMOOTHING` = 0.3).
-      A Python 0 gives exactly the optimal empirical denoiser.
+    smoothing: the paper's smoothing parameter σ ≥ 0 (λ above; default `DEFAULT_SMOOTHING` = 0.3), a
+      finite real scalar (Python or NumPy number, 0-d array; checked unless traced). A Python 0 gives
+      exactly the optimal empirical denoiser.
     num_noise: M, the number of fixed smoothing draws (default 8).
-    noise_seed: seed of the draws (`cfdm_noise`).
+    noise_seed: seed of the draws (`cfdm_noise`), an integer ≥ 0.
     antithetic: draw the ε in pairs (ε, −ε) when M is even.
     chunk_size: dataset rows per streamed chunk (see `empirical_denoise`).
 
   Returns:
-    (B, H, W, C) float32 denoised images.
+    (B, H, W, C) float32 denoised images; B = 0 gives an empty (0, H, W, C) array.
+
+  Raises:
+    ValueError: bad shapes, dtypes or concrete values of z, sigma or data
+      (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a negative
+      or non-finite smoothing, or num_noise, noise_seed, chunk_size that are not integers in range.
   """
-  images.check_query_and_data(z, data)
-  if isinstance(smoothing, (int, float)):
-    if smoothing < 0:
-      raise ValueError(f"smoothing must be non-negative, got {smoothing}")
-    if smoothing == 0:
-      return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
+  images.check_query_and_data(z, data, sigma)
+  validation.check_non_negative(smoothing, "smoothing")
+  if isinstance(smoothing, (int, float)) and smoothing == 0:
+    return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
   batch = z.shape[0]
   sigma = images.sigma_per_sample(sigma, batch)
   noise = cfdm_noise(z.shape[1:], num_noise, noise_seed, antithetic)  # (M, H, W, C)

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pspc_jax import images, schedules
+from pspc_jax import images, schedules, validation
 from pspc_jax.denoisers.empirical import logit_scale
 from pspc_jax.denoisers.masks import SquareWindows, pixel_sq_dists_major
 from pspc_jax.reduce import SoftminStats, fold_chunks
@@ -119,7 +119,7 @@ def _axis_plan(length: int, radius: int, equivariant: bool, boundary: str):
 def _check(patch_size: int, height: int, width: int, boundary: str, equivariant: bool) -> int:
   if boundary not in BOUNDARIES:
     raise ValueError(f"unknown ELS boundary {boundary!r}; use one of {BOUNDARIES}")
-  size = int(patch_size)
+  size = validation.positive_int(patch_size, "patch_size")
   largest = 2 * max(height, width) - 1
   if size % 2 != 1 or not 1 <= size <= largest:
     raise ValueError(f"ELS patch size {patch_size} must be odd (centred patches) and between 1 and "
@@ -128,18 +128,6 @@ def _check(patch_size: int, height: int, width: int, boundary: str, equivariant:
     raise ValueError(f"circular ELS compares with fully-inside training patches: patch size {size} "
                      f"must be at most {min(height, width)}")
   return size
-
-
-def _masked_add(stats: SoftminStats, dists, valid, scale, axis: int):
-  """`SoftminStats.add` where entries with valid = False are left out (also while a state is empty)."""
-  dists = jnp.where(valid, dists, jnp.inf)
-  new_min = jnp.minimum(stats.min_dist, jnp.min(dists, axis=axis))
-  safe_min = jnp.where(jnp.isfinite(new_min), new_min, 0.0)  # all-masked so far: weights are 0
-  weights = SoftminStats.weights(dists, safe_min, scale, axis)  # +inf distance → weight 0
-  rescale = jnp.where(jnp.isfinite(stats.min_dist),
-                      jnp.exp((stats.min_dist - safe_min) * scale), 0.0)
-  total = stats.total * rescale + jnp.sum(weights, axis=axis)
-  return SoftminStats(new_min, total), weights, rescale
 
 
 def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equivariant: bool = True,
@@ -161,11 +149,19 @@ def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equiva
       not the result beyond float32 rounding.
 
   Returns:
-    (B, H, W, C) float32 denoised images.
+    (B, H, W, C) float32 denoised images; B = 0 gives an empty (0, H, W, C) array.
+
+  Raises:
+    ValueError: bad shapes, dtypes or concrete values of z, sigma or data
+      (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a patch
+      size that is not an odd integer in range, an unknown boundary, or a bad chunk_size.
   """
-  images.check_query_and_data(z, data)
+  images.check_query_and_data(z, data, sigma)
+  chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   batch, height, width, channels = z.shape
   size = _check(patch_size, height, width, boundary, equivariant)
+  if batch == 0:
+    return jnp.zeros(z.shape, jnp.float32)
   radius = size // 2
   padded_h, padded_w = height + 2 * radius, width + 2 * radius
   shifts_h, valid_h = _axis_plan(height, radius, equivariant, boundary)
@@ -200,7 +196,9 @@ def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equiva
       e = pixel_sq_dists_major(z_pad.reshape(padded_h * padded_w, channels, batch),
                                moved.reshape(padded_h * padded_w, channels, rows))
       dists = windows.sums_major(e.reshape(padded_h, padded_w, batch, rows))  # (H, W, B, n)
-      stats, weights, rescale = _masked_add(stats, dists, mask[:, :, None, None], scale, axis=3)
+      # Pairs outside Q(p) are left out (+inf: weight exactly 0, also while a state is still empty).
+      dists = jnp.where(mask[:, :, None, None], dists, jnp.inf)
+      stats, weights, rescale = stats.add(dists, scale, axis=3)
       centres = moved[radius:radius + height, radius:radius + width]  # x_i[p + Δ]: (H, W, C, n)
       update = lax.dot_general(weights.reshape(height * width, batch, rows),
                                centres.reshape(height * width, channels, rows),

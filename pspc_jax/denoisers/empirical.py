@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pspc_jax import images
+from pspc_jax import images, validation
 from pspc_jax.reduce import SoftminStats, fold_chunks, mask_padding, shard_valid_rows
 
 # σ is floored here before dividing by 2σ², so σ = 0 selects the nearest neighbour (up to exact ties,
@@ -36,8 +36,9 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
 
   Args:
     z: (B, H, W, C) noisy images, float32 in model units.
-    sigma: scalar or (B,) noise levels (EDM σ); a batch may mix levels. σ = 0 gives the nearest
-      training image.
+    sigma: scalar or (B,) noise levels (EDM σ), finite and ≥ 0; a batch may mix levels. σ = 0 gives
+      the nearest training image. A traced σ cannot be checked: a sample with a negative or non-finite
+      σ gets a NaN output (`images.sigma_per_sample`).
     data: (N, H, W, C) training images, uint8 in [0, 255] or float in [-1, 1]. With `axis_name`, this
       device's shard of the dataset.
     chunk_size: dataset rows per streamed chunk (default: from `default_chunk_size`); changes speed
@@ -50,9 +51,16 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
       (`pspc_jax.distributed.shard_dataset`) and get weight exactly 0. None: no padding.
 
   Returns:
-    (B, H, W, C) float32 denoised images.
+    (B, H, W, C) float32 denoised images; B = 0 gives an empty (0, H, W, C) array.
+
+  Raises:
+    ValueError: bad shapes, dtypes or concrete values of z, sigma or data
+      (`images.check_query_and_data`), or a chunk_size that is not a positive integer.
   """
-  images.check_query_and_data(z, data)
+  images.check_query_and_data(z, data, sigma)
+  chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
+  if z.shape[0] == 0:
+    return jnp.zeros(z.shape, jnp.float32)
   batch = z.shape[0]
   scale = logit_scale(images.sigma_per_sample(sigma, batch))
   flat_z = z.astype(jnp.float32).reshape(batch, -1)
@@ -64,7 +72,7 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
     x = images.to_model_range(chunk).reshape(chunk.shape[0], -1)
     sq_dists = jnp.sum(jnp.square(flat_z[:, None, :] - x[None, :, :]), axis=-1)  # (B, n)
     sq_dists = mask_padding(sq_dists, offset, local_valid, axis=1)
-    stats, weights, rescale = stats.add(sq_dists, scale, axis=1, may_be_empty=local_valid is not None)
+    stats, weights, rescale = stats.add(sq_dists, scale, axis=1)
     numerator = numerator * rescale[:, None] + jnp.dot(weights, x, precision=lax.Precision.HIGHEST)
     return stats, numerator
 

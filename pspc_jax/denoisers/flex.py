@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pspc_jax import schedules
+from pspc_jax import schedules, validation
 from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.masks import IndexMasks, PixelMasks
 from pspc_jax.denoisers.pspc import composite_denoise
@@ -123,8 +123,9 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
     sigma: scalar or (B,) noise levels (EDM σ).
     data: (N, H, W, C) uint8 or float training images.
     maps: (H, W, H, W) non-negative sensitivity maps, maps[h, w] of output pixel (h, w).
-    threshold: λ, the sensitivity mass each mask keeps. With concrete maps and λ ≥ 1 the call is the
-      (single-pass) optimal empirical denoiser, which it equals exactly.
+    threshold: λ ∈ (0, 1], the sensitivity mass each mask keeps (ValueError outside, or NaN, when
+      concrete). With concrete maps and λ = 1 the call is the (single-pass) optimal empirical
+      denoiser, which it equals exactly.
     chunk_size: dataset rows per streamed chunk (default: `pspc.pixel_major_chunk_size`).
     method: "auto" (padded gathers when the maps and λ are concrete, see `flex_mask_set`), "gather" or
       "matmul" (the dense 0/1 mask matrix, also used whenever the maps or λ are traced). The methods
@@ -136,9 +137,11 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
     (B, H, W, C) float32 denoised images.
 
   Raises:
-    ValueError: shapes that do not match, or a pixel covered by no mask (checked when the masks are
+    ValueError: shapes that do not match, a concrete threshold outside (0, 1], bad z, sigma or data
+      (`images.check_query_and_data`), or a pixel covered by no mask (checked when the masks are
       concrete; traced masks that leave a pixel uncovered give NaN there).
   """
+  validation.check_threshold(threshold)
   if z.ndim != 4:
     raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
   image = tuple(z.shape[1:3])

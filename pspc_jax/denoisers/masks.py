@@ -19,10 +19,11 @@ Each mask set offers the two maps in two layouts:
   layout of the fast denoisers (DESIGN §3): pixels major, (query, dataset row) minor, so every window sum
   is a vectorised add of long contiguous rows, and the per-mask softmax reduces over the minor axis.
 
-`SquareWindows` exploits the separable structure of all s×s windows (a window sum along W, then along
-H), so its cost does not depend much on s; `PixelMasks` holds arbitrary masks as the dense 0/1 matrix
-(traceable: the masks may be computed under `jit`); `IndexMasks` holds concrete arbitrary masks as padded
-index lists, whose gathers cost ∝ the mask sizes instead of ∝ the number of pixels (PSPC-Flex).
+`SquareWindows` exploits the separable structure of all s×s windows (min(s, H) × min(s, W) on an H×W
+rectangle; a window sum along W, then along H), so its cost does not depend much on s; `PixelMasks`
+holds arbitrary masks as the dense 0/1 matrix (traceable: the masks may be computed under `jit`);
+`IndexMasks` holds concrete arbitrary masks as padded index lists, whose gathers cost ∝ the mask sizes
+instead of ∝ the number of pixels (PSPC-Flex).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ import numpy as np
 from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST
+
+# Initial value of the window sums. A NumPy scalar stays a compile-time constant under every trace, so
+# `lax.reduce_window` becomes the linear `reduce_window_sum`, which has a transpose (reverse mode); a
+# `jnp.float32(0)` is a traced constant inside `lax.scan` and gives the generic reduction, which has none.
+_ZERO = np.float32(0)
 
 
 def pixel_sq_dists(z: jax.Array, x: jax.Array) -> jax.Array:
@@ -81,7 +87,7 @@ def _window_sums_major(a: jax.Array, size: int, axis: int, method: str) -> jax.A
   if method == "window":
     window = [1] * a.ndim
     window[axis] = size
-    return lax.reduce_window(a, jnp.float32(0), lax.add, tuple(window), (1,) * a.ndim, "VALID")
+    return lax.reduce_window(a, _ZERO, lax.add, tuple(window), (1,) * a.ndim, "VALID")
   matrix = jnp.asarray(window_matrix(length, size).T)  # (K, L)
   return _apply_major(matrix, a, axis)
 
@@ -94,7 +100,7 @@ def _window_spread_major(a: jax.Array, size: int, axis: int, method: str) -> jax
     window[axis] = size
     padding = [(0, 0)] * a.ndim
     padding[axis] = (size - 1, size - 1)
-    return lax.reduce_window(a, jnp.float32(0), lax.add, tuple(window), (1,) * a.ndim, padding)
+    return lax.reduce_window(a, _ZERO, lax.add, tuple(window), (1,) * a.ndim, padding)
   matrix = jnp.asarray(window_matrix(num + size - 1, size))  # (L, K)
   return _apply_major(matrix, a, axis)
 
@@ -121,16 +127,25 @@ def window_matrix(length: int, size: int) -> np.ndarray:
 
 
 class SquareWindows:
-  """All s×s windows fully inside an H×W image: (H − s + 1)·(W − s + 1) masks, no padding.
+  """All windows of patch size s fully inside an H×W image, no padding.
 
-  Window (i, j) covers rows i … i+s−1 and columns j … j+s−1. Per-mask arrays have trailing shape
-  (H − s + 1, W − s + 1).
+  A patch size s applies to a rectangle as windows of s_h × s_w = min(s, H) × min(s, W) pixels: s×s
+  squares while s ≤ min(H, W), full-height (or full-width) bands for min(H, W) < s < max(H, W), and the
+  whole image (one window) for every s ≥ max(H, W). There are Kh·Kw = (H − s_h + 1)·(W − s_w + 1)
+  windows; window (i, j) covers rows i … i+s_h−1 and columns j … j+s_w−1. Per-mask arrays have trailing
+  shape (Kh, Kw).
+
+  Attributes:
+    window: (s_h, s_w).
+
+  Raises:
+    ValueError: s < 1.
   """
 
   def __init__(self, height: int, width: int, size: int):
-    self.size = int(size)
-    self.rows = window_matrix(height, self.size)  # (H, Kh)
-    self.cols = window_matrix(width, self.size)   # (W, Kw)
+    self.window = (min(int(size), height), min(int(size), width))
+    self.rows = window_matrix(height, self.window[0])  # (H, Kh)
+    self.cols = window_matrix(width, self.window[1])   # (W, Kw)
     self.mask_shape = (self.rows.shape[1], self.cols.shape[1])
     self.coverage = np.outer(self.rows.sum(1), self.cols.sum(1)).astype(np.float32)  # (H, W)
 
@@ -140,28 +155,28 @@ class SquareWindows:
     return jnp.einsum("...hj,hi->...ij", along_w, self.rows, precision=_HIGHEST)
 
   def spread(self, w: jax.Array) -> jax.Array:
-    """(..., Kh, Kw) → (..., H, W): every window's value added to each of its s×s pixels."""
+    """(..., Kh, Kw) → (..., H, W): every window's value added to each of its s_h×s_w pixels."""
     along_w = jnp.einsum("...ij,wj->...iw", w, self.cols, precision=_HIGHEST)
     return jnp.einsum("...iw,hi->...hw", along_w, self.rows, precision=_HIGHEST)
 
   def _methods(self):
     """(rows, columns) method of the window sums, by the cost rule above."""
     height, width = self.rows.shape[0], self.cols.shape[0]
-    rows = "matmul" if self.size >= _ROW_MATMUL_FRACTION * height else "window"
-    cols = "matmul" if self.size >= _COLUMN_MATMUL_FRACTION * width else "window"
+    rows = "matmul" if self.window[0] >= _ROW_MATMUL_FRACTION * height else "window"
+    cols = "matmul" if self.window[1] >= _COLUMN_MATMUL_FRACTION * width else "window"
     return rows, cols
 
   def sums_major(self, e: jax.Array) -> jax.Array:
     """(H, W, ...) → (Kh, Kw, ...): Σ of e over every window (pixel-major layout)."""
     rows, cols = self._methods()
-    along_w = _window_sums_major(e, self.size, 1, cols)
-    return _window_sums_major(along_w, self.size, 0, rows)
+    along_w = _window_sums_major(e, self.window[1], 1, cols)
+    return _window_sums_major(along_w, self.window[0], 0, rows)
 
   def spread_major(self, w: jax.Array) -> jax.Array:
     """(Kh, Kw, ...) → (H, W, ...): every window's value added to each of its pixels."""
     rows, _ = self._methods()
-    along_h = _window_spread_major(w, self.size, 0, rows)
-    return _window_spread_major(along_h, self.size, 1, "window")
+    along_h = _window_spread_major(w, self.window[0], 0, rows)
+    return _window_spread_major(along_h, self.window[1], 1, "window")
 
 
 def check_coverage(coverage: np.ndarray) -> None:

@@ -47,10 +47,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pspc_jax import images
+from pspc_jax import images, validation
 from pspc_jax.denoisers.empirical import default_chunk_size, empirical_denoise, logit_scale
 from pspc_jax.denoisers.masks import PixelMasks, SquareWindows, pixel_sq_dists, pixel_sq_dists_major
-from pspc_jax.reduce import (SoftminStats, fold_chunks, mask_padding, scan_chunks,
+from pspc_jax.reduce import (SoftminStats, exp_gap, fold_chunks, mask_padding, scan_chunks,
                              shard_valid_rows)
 
 # Default memory budget of the pass-1 weights cache (bytes); `cache_bytes=0` disables it.
@@ -96,9 +96,18 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
     valid_rows: the number of real rows of the global dataset; later rows are padding. None: none.
 
   Returns:
-    (B, H, W, C) float32.
+    (B, H, W, C) float32; B = 0 gives an empty (0, H, W, C) array.
+
+  Raises:
+    ValueError: bad shapes, dtypes or concrete values of z, sigma or data
+      (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), or
+      chunk_size / cache_bytes that are not integers ≥ 1 / ≥ 0.
   """
-  images.check_query_and_data(z, data)
+  images.check_query_and_data(z, data, sigma)
+  chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
+  cache_bytes = validation.positive_int(cache_bytes, "cache_bytes", minimum=0, optional=True)
+  if z.shape[0] == 0:
+    return jnp.zeros(z.shape, jnp.float32)
   if not (hasattr(masks, "sums_major") and hasattr(masks, "spread_major")):
     return _composite_denoise_generic(z, sigma, data, masks, chunk_size=chunk_size,
                                       axis_name=axis_name, valid_rows=valid_rows)
@@ -150,14 +159,14 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   cache = None
   if num_cached:
     def caching_step(stats, prepared, offset=None):
-      stats, weights, _ = stats.add(dists(prepared, offset), scale, axis=2, may_be_empty=padded)
+      stats, weights, _ = stats.add(dists(prepared, offset), scale, axis=2)
       return stats, (weights, stats.min_dist)
 
     stats, cache = scan_chunks(caching_step, stats, data, chunk_size, num_cached, prepare=prepare,
                                with_offset=padded)
 
   def normaliser_step(stats, prepared, offset=None):
-    return stats.add(dists(prepared, offset), scale, axis=2, may_be_empty=padded)[0]
+    return stats.add(dists(prepared, offset), scale, axis=2)[0]
 
   stats = fold_chunks(normaliser_step, stats, data, chunk_size, prepare=prepare, start=cached_rows,
                       with_offset=padded)
@@ -169,9 +178,9 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   numerator = jnp.zeros((pixels, batch, channels), jnp.float32)
   if num_cached:
     def cached_step(numerator, prepared, cached):
-      # A chunk of padding only was cached with min +inf and weights 0: factor exp(−inf) = 0.
+      # A chunk of padding only was cached with min +inf and weights 0: factor exactly 0 (`exp_gap`).
       weights, chunk_min = cached
-      factor = jnp.exp((chunk_min - stats.min_dist) * scale) * inv_total  # (masks, B), ≤ 1/total
+      factor = exp_gap(chunk_min, stats.min_dist, scale) * inv_total  # (masks, B), ≤ 1/total
       return accumulate(numerator, weights * factor[..., None], prepared), None
 
     numerator, _ = scan_chunks(cached_step, numerator, data, chunk_size, num_cached, xs=cache,
@@ -208,7 +217,7 @@ def _composite_denoise_generic(z, sigma, data, masks, *, chunk_size=None, axis_n
     return dists, x  # (B, n, *mask_shape)
 
   def normaliser_step(stats, chunk, offset=None):
-    return stats.add(dists_and_images(chunk, offset)[0], scale, axis=1, may_be_empty=padded)[0]
+    return stats.add(dists_and_images(chunk, offset)[0], scale, axis=1)[0]
 
   stats = fold_chunks(normaliser_step, SoftminStats.empty((batch,) + masks.mask_shape), data,
                       chunk_size, with_offset=padded)
@@ -233,14 +242,17 @@ def pspc_square_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *
                         axis_name=None, valid_rows: int | None = None) -> jax.Array:
   """PSPC-Square: Eq. 11 over all s×s windows fully inside the image (no padding).
 
-  Cost O(B·N·H·W·C) whatever s. With s equal to both image sides the single window is the whole image
-  and the call is delegated to the (single-pass) optimal empirical denoiser, which it equals exactly.
+  On an H×W rectangle the windows are min(s, H) × min(s, W) (`SquareWindows`): squares while
+  s ≤ min(H, W), full-height or full-width bands up to max(H, W). For s ≥ max(H, W) the single window is
+  the whole image and the call is delegated to the (single-pass) optimal empirical denoiser, which it
+  equals exactly. Cost O(B·N·H·W·C) whatever s.
 
   Args:
     z: (B, H, W, C) float32 noisy images.
     sigma: scalar or (B,) noise levels (EDM σ).
     data: (N, H, W, C) uint8 or float training images.
-    patch_size: s, a static int with 1 ≤ s ≤ min(H, W).
+    patch_size: s, a static int (Python or NumPy integer, not a float or bool) ≥ 1; every s ≥ max(H, W)
+      is the whole image.
     chunk_size: dataset rows per streamed chunk (default: `pixel_major_chunk_size`, about 4 MB per
       intermediate).
     cache_bytes: memory budget of the pass-1 weights cache, used for large s (see the module
@@ -250,10 +262,14 @@ def pspc_square_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *
 
   Returns:
     (B, H, W, C) float32 denoised images.
+
+  Raises:
+    ValueError: as `composite_denoise`, or a patch_size that is not an integer ≥ 1.
   """
   if z.ndim != 4:
     raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
-  if patch_size == z.shape[1] == z.shape[2]:
+  patch_size = validation.positive_int(patch_size, "patch_size")
+  if patch_size >= max(z.shape[1], z.shape[2]):
     return empirical_denoise(z, sigma, data, chunk_size=chunk_size, axis_name=axis_name,
                              valid_rows=valid_rows)
   windows = SquareWindows(z.shape[1], z.shape[2], patch_size)
@@ -270,8 +286,10 @@ def pspc_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
     z: (B, H, W, C) float32 noisy images.
     sigma: scalar or (B,) noise levels.
     data: (N, H, W, C) uint8 or float training images.
-    masks: bool (M, H, W); every pixel must be covered by at least one mask (checked when `masks` is
-      concrete, i.e. not traced under `jit`).
+    masks: bool (M, H, W) with M ≥ 1, any array-like (a nested list too); a concrete array of another
+      dtype is accepted when it holds only 0 and 1 (other values, e.g. weights, raise ValueError; a
+      traced array must be bool). Every pixel must be covered by at least one mask (checked when
+      `masks` is concrete, i.e. not traced under `jit`).
     chunk_size: dataset rows per streamed chunk.
     cache_bytes: memory budget of the pass-1 weights cache (used when 3·M ≤ H·W; see the module
       docstring).
@@ -280,8 +298,12 @@ def pspc_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
 
   Returns:
     (B, H, W, C) float32 denoised images.
+
+  Raises:
+    ValueError: as `composite_denoise`, or bad masks (`validation.mask_array`, e.g. no masks at all,
+      or a pixel covered by none).
   """
-  pixel_masks = PixelMasks(masks)
+  pixel_masks = PixelMasks(validation.mask_array(masks))
   if pixel_masks.image_shape != tuple(z.shape[1:3]):
     raise ValueError(f"masks cover {pixel_masks.image_shape} images, z has {tuple(z.shape[1:3])}")
   return composite_denoise(z, sigma, data, pixel_masks, chunk_size=chunk_size,
@@ -302,8 +324,9 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
       m[i, j] = Σ_k w_k(C) x_k[i:i+s, j:j+s]                                               (Eq. 10)
 
   PSPC-Square (Eq. 11) is the average, at each pixel, of the m of the windows covering it; here the
-  windows are kept apart (paper Fig. 4: patch error vs σ per patch size). For s = H = W the single
-  window is the whole image and m is the optimal empirical denoiser's output (Eq. 6-7).
+  windows are kept apart (paper Fig. 4: patch error vs σ per patch size). On an H×W rectangle the
+  windows are s_h × s_w = min(s, H) × min(s, W) (`SquareWindows`); for s ≥ max(H, W) the single window
+  is the whole image and m is the optimal empirical denoiser's output (Eq. 6-7).
 
   Two streaming passes over the dataset (per-window online logsumexp, then the normalised weighted sum
   of the gathered patches), in the (B, n, Kh, Kw) layout: direct differences, exact window sums
@@ -315,25 +338,32 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
     z: (B, H, W, C) float32 noisy images.
     sigma: scalar or (B,) noise levels (EDM σ).
     data: (N, H, W, C) uint8 or float training images.
-    patch_size: s, a static int with 1 ≤ s ≤ min(H, W).
+    patch_size: s, a static int ≥ 1 (windows of min(s, H) × min(s, W)).
     chunk_size: dataset rows per streamed chunk (default: about 4M gathered patch values per chunk).
 
   Returns:
-    (B, Kh, Kw, s, s, C) float32 with Kh = H − s + 1, Kw = W − s + 1: [b, i, j] is the posterior mean of
-    the window at (i, j).
+    (B, Kh, Kw, s_h, s_w, C) float32 with Kh = H − s_h + 1, Kw = W − s_w + 1: [b, i, j] is the
+    posterior mean of the window at (i, j). B = 0 gives an empty array.
+
+  Raises:
+    ValueError: as `composite_denoise`, or a patch_size that is not an integer ≥ 1.
   """
-  images.check_query_and_data(z, data)
+  images.check_query_and_data(z, data, sigma)
+  chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   batch, height, width, channels = z.shape
-  size = int(patch_size)
+  size = validation.positive_int(patch_size, "patch_size")
   windows = SquareWindows(height, width, size)
   kh, kw = windows.mask_shape
+  size_h, size_w = windows.window
+  if batch == 0:
+    return jnp.zeros((0, kh, kw, size_h, size_w, channels), jnp.float32)
   z = z.astype(jnp.float32)
   scale = logit_scale(images.sigma_per_sample(sigma, batch))  # (B,)
-  # Pixel rows/columns of every window: (Kh, s) and (Kw, s).
-  rows = jnp.arange(kh)[:, None] + jnp.arange(size)[None, :]
-  cols = jnp.arange(kw)[:, None] + jnp.arange(size)[None, :]
+  # Pixel rows/columns of every window: (Kh, s_h) and (Kw, s_w).
+  rows = jnp.arange(kh)[:, None] + jnp.arange(size_h)[None, :]
+  cols = jnp.arange(kw)[:, None] + jnp.arange(size_w)[None, :]
   if chunk_size is None:
-    per_row = kh * kw * size * size * channels
+    per_row = kh * kw * size_h * size_w * channels
     chunk_size = min(default_chunk_size(batch, height, width),
                      max(1, _PATCH_CHUNK_ELEMENTS // max(per_row, batch * kh * kw)))
   chunk_size = max(1, min(int(chunk_size), data.shape[0]))
@@ -354,8 +384,8 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
     dists, x = dists_and_images(chunk)
     weights = SoftminStats.weights(dists, stats.min_dist, state_scale, axis=1)
     weights = weights * inv_total[:, None]  # (B, n, Kh, Kw)
-    patches = x[:, rows[:, None, :, None], cols[None, :, None, :], :]  # (n, Kh, Kw, s, s, C)
+    patches = x[:, rows[:, None, :, None], cols[None, :, None, :], :]  # (n, Kh, Kw, s_h, s_w, C)
     return numerator + jnp.einsum("bnij,nijuvc->bijuvc", weights, patches, precision=_HIGHEST)
 
-  init = jnp.zeros((batch, kh, kw, size, size, channels), jnp.float32)
+  init = jnp.zeros((batch, kh, kw, size_h, size_w, channels), jnp.float32)
   return fold_chunks(mean_step, init, data, chunk_size)

@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 
-from pspc_jax import schedules
+from pspc_jax import images, schedules, validation
 from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.flex import make_flex_denoiser
 from pspc_jax.denoisers.gaussian import gaussian_denoise, gaussian_stats
@@ -45,16 +46,22 @@ def make_denoiser(name: str, data, *, mesh=None, **options) -> Denoiser:
   "data" axis and query batches over its "batch" axis (`distributed.sharded_denoiser`); the results
   equal the single-device ones up to float32 rounding.
 
+  The training set is checked here once (`validation.check_data`: uint8, or float within [-1, 1];
+  the value range is scanned when the data is concrete), before any denoiser is built.
+
   Raises:
-    ValueError: unknown name (the message lists the known ones), bad options, or a mesh for a denoiser
-      that cannot shard its dataset.
+    ValueError: unknown name (the message lists the known ones), bad data, bad options, or a mesh for
+      a denoiser that cannot shard its dataset.
   """
   if name not in _BUILDERS:
     raise ValueError(f"unknown denoiser {name!r}; choose one of {', '.join(available_denoisers())}")
   if mesh is not None:
-    from pspc_jax.distributed import sharded_denoiser  # imported here: it imports this module
+    # Imported here: it imports this module.
+    from pspc_jax.distributed import ShardedDataset, sharded_denoiser
 
+    validation.check_data(data.images if isinstance(data, ShardedDataset) else data)
     return sharded_denoiser(name, data, mesh, **options)
+  validation.check_data(data)
   return _BUILDERS[name](data, **options)
 
 
@@ -65,9 +72,24 @@ def builder(name: str) -> Callable[..., Denoiser]:
   return _BUILDERS[name]
 
 
+def _size_schedule(spec, parse: Callable[[str, int], schedules.SigmaSchedule],
+                   side: int) -> schedules.SigmaSchedule:
+  """A patch-size schedule from a SigmaSchedule, one integer size (int or NumPy integer; not a float
+  or bool), or a spec string for `parse(spec, side)`. ValueError naming `patch_schedule` otherwise."""
+  if isinstance(spec, str):
+    return parse(spec, side)
+  if not isinstance(spec, schedules.SigmaSchedule):
+    return parse(str(validation.positive_int(spec, "patch_schedule")), side)
+  for size in spec.values:
+    validation.positive_int(size, "patch_schedule")
+  return spec
+
+
 @register("empirical")
 def _empirical(data, *, chunk_size: int | None = None, axis_name=None,
                valid_rows: int | None = None) -> Denoiser:
+  validation.positive_int(chunk_size, "chunk_size", optional=True)
+
   def denoise(z, sigma):
     return empirical_denoise(z, sigma, data, chunk_size=chunk_size, axis_name=axis_name,
                              valid_rows=valid_rows)
@@ -79,13 +101,13 @@ def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = 
                  chunk_size: int | None = None, axis_name=None,
                  valid_rows: int | None = None) -> Denoiser:
   """`patch_schedule`: a SigmaSchedule, a fixed patch size, or a spec for `parse_patch_schedule`."""
-  side = min(data.shape[1], data.shape[2])
-  if isinstance(patch_schedule, (int, str)):
-    patch_schedule = schedules.parse_patch_schedule(str(patch_schedule), side)
+  shape = (data.shape[1], data.shape[2])  # sizes apply as min(s, H) × min(s, W): max(H, W) is full
+  patch_schedule = _size_schedule(patch_schedule, schedules.parse_patch_schedule, shape)
+  validation.positive_int(chunk_size, "chunk_size", optional=True)
 
   def make_branch(patch_size):
     def denoise(z, sigma):
-      return pspc_square_denoise(z, sigma, data, int(patch_size), chunk_size=chunk_size,
+      return pspc_square_denoise(z, sigma, data, patch_size, chunk_size=chunk_size,
                                  axis_name=axis_name, valid_rows=valid_rows)
     return denoise
 
@@ -103,6 +125,7 @@ def _pspc_flex(data, *, heatmaps: str | None = None,
   if not heatmaps:
     raise ValueError("the pspc_flex denoiser needs sensitivity maps (--heatmaps=FILE.npz, written by "
                      "bin/sensitivity)")
+  validation.positive_int(chunk_size, "chunk_size", optional=True)
   # Imported here so that the other denoisers do not depend on the sensitivity module.
   from pspc_jax.sensitivity import load_maps
 
@@ -138,6 +161,9 @@ def _network(data, *, checkpoint: str | None = None) -> Denoiser:
   apply = jax.jit(lambda p, z, sigma: edm_denoiser(module, p, sigma_data=meta["sigma_data"])(z, sigma))
 
   def denoise(z, sigma):
+    # σ checked (concrete) or made NaN where invalid (traced), as in the other denoisers.
+    validation.check_finite(z, "z")
+    sigma = images.sigma_per_sample(sigma, np.shape(z)[0])
     return apply(params, z, sigma)  # params stay an argument, not constants compiled into the graph
   return denoise
 
@@ -151,12 +177,13 @@ def _els(data, *, patch_schedule: schedules.SigmaSchedule | int | str = "auto",
   their LS machine; `boundary`: "zeros" (default) or "circular"."""
   from pspc_jax.denoisers.els import els_denoise, parse_els_patch_schedule
 
-  if isinstance(patch_schedule, (int, str)):
-    patch_schedule = parse_els_patch_schedule(str(patch_schedule), max(data.shape[1], data.shape[2]))
+  patch_schedule = _size_schedule(patch_schedule, parse_els_patch_schedule,
+                                  max(data.shape[1], data.shape[2]))
+  validation.positive_int(chunk_size, "chunk_size", optional=True)
 
   def make_branch(patch_size):
     def denoise(z, sigma):
-      return els_denoise(z, sigma, data, int(patch_size), equivariant=equivariant, boundary=boundary,
+      return els_denoise(z, sigma, data, patch_size, equivariant=equivariant, boundary=boundary,
                          chunk_size=chunk_size)
     return denoise
 
@@ -171,10 +198,12 @@ def _cfdm(data, *, smoothing: float | None = None, num_noise: int | None = None,
   denoiser); `num_noise`: fixed Monte-Carlo draws of the smoothing noise (default 8)."""
   from pspc_jax.denoisers import cfdm
 
-  smoothing = cfdm.DEFAULT_SMOOTHING if smoothing is None else float(smoothing)
-  num_noise = cfdm.DEFAULT_NUM_NOISE if num_noise is None else int(num_noise)
-  if smoothing < 0:
-    raise ValueError(f"--smoothing must be non-negative, got {smoothing}")
+  smoothing = cfdm.DEFAULT_SMOOTHING if smoothing is None else smoothing
+  validation.check_non_negative(smoothing, "smoothing")
+  smoothing = float(smoothing)
+  num_noise = validation.positive_int(num_noise, "num_noise", optional=True) or cfdm.DEFAULT_NUM_NOISE
+  validation.positive_int(noise_seed, "noise_seed", minimum=0)
+  validation.positive_int(chunk_size, "chunk_size", optional=True)
 
   def denoise(z, sigma):
     return cfdm.cfdm_denoise(z, sigma, data, smoothing, num_noise=num_noise, noise_seed=noise_seed,

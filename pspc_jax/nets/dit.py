@@ -155,11 +155,10 @@ class LabelEmbedder(nn.Module):
     use_null = self.dropout_prob > 0
     table = nn.Embed(self.num_classes + use_null, self.hidden_size, embedding_init=_normal_002,
                      name="embedding_table").embedding
-    null = jnp.broadcast_to(table[self.num_classes:], (batch, self.hidden_size))
     if labels is None:
       if not use_null:
         raise ValueError("class_labels are required when label_dim > 0 and class_dropout_prob == 0")
-      return null
+      return jnp.broadcast_to(table[self.num_classes], (batch, self.hidden_size))
     if labels.ndim == 1:
       emb = jnp.take(table, labels, axis=0)
     else:
@@ -167,7 +166,7 @@ class LabelEmbedder(nn.Module):
                        precision=jax.lax.Precision.HIGHEST)
     if train and use_null:
       drop = jax.random.uniform(self.make_rng("dropout"), (batch,)) < self.dropout_prob
-      emb = jnp.where(drop[:, None], null, emb)
+      emb = jnp.where(drop[:, None], table[self.num_classes], emb)
     return emb
 
 

@@ -355,14 +355,46 @@ def load_pickle(source: str | Path | bytes | BinaryIO) -> Any:
     source: a path, the pickle's bytes, or a binary file object.
 
   Raises:
-    pickle.UnpicklingError: on any global outside the allowed table, or a malformed tensor.
+    pickle.UnpicklingError: on any global outside the allowed table, a malformed tensor, or a file that
+      is empty, truncated or not a pickle.
   """
   if isinstance(source, (bytes, bytearray)):
-    return _RestrictedUnpickler(io.BytesIO(source)).load()
+    return _unpickle(io.BytesIO(source))
   if isinstance(source, (str, Path)):
     with open(source, "rb") as f:
-      return _RestrictedUnpickler(f).load()
-  return _RestrictedUnpickler(source).load()
+      return _unpickle(f)
+  return _unpickle(source)
+
+
+def _unpickle(file: BinaryIO) -> Any:
+  """`_RestrictedUnpickler(file).load()`; the errors of malformed data become `UnpicklingError`."""
+  try:
+    return _RestrictedUnpickler(file).load()
+  except EOFError:
+    raise pickle.UnpicklingError("the file is empty or truncated (not a complete pickle)") from None
+  except (ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+    if isinstance(err, pickle.UnpicklingError):
+      raise
+    raise pickle.UnpicklingError(f"not a readable pickle ({type(err).__name__}: {err})") from None
+
+
+def describe(obj: Any) -> str:
+  """A short description of an unpickled object for error messages, e.g. "a persistent EDMLoss
+  object", "a dict with keys 'a', 'b'", "a float32 array of shape (3, 4)"."""
+  if isinstance(obj, PersistentObject):
+    return f"a persistent {obj.class_name} object"
+  if isinstance(obj, TorchModule):
+    return f"a torch.nn.{obj.class_name} container"
+  if isinstance(obj, np.ndarray):
+    return f"a {obj.dtype} array of shape {obj.shape}"
+  if isinstance(obj, Mapping):
+    if not obj:
+      return "an empty dict"
+    keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+    return f"a dict with keys {keys}"
+  if isinstance(obj, (list, tuple)):
+    return f"a {type(obj).__name__} of {len(obj)} items"
+  return "None" if obj is None else f"a {type(obj).__name__}"
 
 
 def state_dict(module: PersistentObject | TorchModule, prefix: str = "") -> dict[str, Array]:
@@ -409,6 +441,10 @@ def _precond_info(net: PersistentObject) -> dict:
           "img_resolution": int(state["img_resolution"]), "img_channels": int(state["img_channels"])}
 
 
+# The preconditioning classes of EDM's baselines (networks, but not EDMPrecond).
+_OTHER_PRECONDS = ("VPPrecond", "VEPrecond", "iDDPMPrecond")
+
+
 def load_edm_pickle(source: str | Path | bytes | BinaryIO, key: str = "ema") -> tuple[dict, dict, dict]:
   """Reads an EDM network pickle (e.g. edm-cifar10-32x32-uncond-vp.pkl) into a SongUNet.
 
@@ -432,9 +468,12 @@ def load_edm_pickle(source: str | Path | bytes | BinaryIO, key: str = "ema") -> 
     if key not in root:
       raise ValueError(f"the pickle has no {key!r} entry; it has {', '.join(map(str, root))}")
     net = root[key]
+  if isinstance(net, PersistentObject) and net.class_name in _OTHER_PRECONDS:
+    raise ValueError(f"the network is a {net.class_name}: EDM's VP/VE/iDDPM baselines use other "
+                     "preconditioning and are not supported; convert an EDMPrecond network")
   if not isinstance(net, PersistentObject) or net.class_name != "EDMPrecond":
-    raise ValueError(f"expected an EDMPrecond network, got {net!r} (VP/VE baselines use other "
-                     "preconditioning and are not supported)")
+    where = f"entry {key!r}" if isinstance(root, Mapping) else "pickle"
+    raise ValueError(f"expected an EDMPrecond network, but the {where} holds {describe(net)}")
   model = (net.state.get("_modules") or {}).get("model")
   if not isinstance(model, PersistentObject):
     raise ValueError("the EDMPrecond has no persistent 'model' submodule")

@@ -2,7 +2,8 @@
 
 D(z, sigma) = c_skip(sigma) · z + c_out(sigma) · F(c_in(sigma) · z, c_noise(sigma)) with
 c_skip = sd² / (sigma² + sd²), c_out = sigma · sd / sqrt(sigma² + sd²), c_in = 1 / sqrt(sigma² + sd²)
-and c_noise = ln(sigma) / 4 (sd = sigma_data), as EDM's EDMPrecond. sigma must be positive.
+and c_noise = ln(sigma) / 4 (sd = sigma_data), as EDM's EDMPrecond. sigma ≥ 0: at sigma = 0,
+D = z (the limit c_out → 0).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def precond_apply(module: nn.Module, params, z: jnp.ndarray, sigma, *, sigma_dat
   sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), z.shape[:1])
   coef = edm_preconditioning(sigma, sigma_data)
   c_skip, c_out, c_in = (c[:, None, None, None] for c in (coef.c_skip, coef.c_out, coef.c_in))
-  out = module.apply({"params": params}, c_in * z, coef.c_noise, class_labels=class_labels,
+  # σ = 0 gives D = z exactly (c_skip = 1, c_out = 0); F then runs at σ = 1 rather than at
+  # c_noise = ln 0 = −inf, whose NaN would survive the product with c_out = 0.
+  c_noise = edm_preconditioning(jnp.where(sigma > 0, sigma, 1.0), sigma_data).c_noise
+  out = module.apply({"params": params}, c_in * z, c_noise, class_labels=class_labels,
                      augment_labels=augment_labels, train=train, rngs=rngs)
   return c_skip * z + c_out * out.astype(jnp.float32)
 

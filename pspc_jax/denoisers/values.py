@@ -1,0 +1,207 @@
+"""Denoisers as values: pytrees whose leaves are arrays and whose configuration is static.
+
+Every denoiser here satisfies the one `Denoiser` protocol, `denoiser(z, sigma) -> x_hat` with z
+(B, H, W, C) float32 and sigma a scalar or (B,), and is a `flax.struct.dataclass`: its arrays (the
+training set, Gaussian statistics, network parameters, mask index lists) are pytree leaves and its
+configuration (patch schedules, chunk sizes, mesh axes) is static and hashable. A denoiser is therefore
+passed *into* `jax.jit`, `jax.vmap`, `jax.grad` and `jax.shard_map` as an argument:
+
+    run = jax.jit(lambda denoiser, latents: pj.sample(denoiser, latents, pj.edm_sigmas(18)))
+    samples = run(pj.make_denoiser("pspc_square", data), latents)
+
+so the training set is an input of the compiled program, never a constant compiled into it (closing over
+it costs seconds of compilation per call site at CIFAR-10 scale and breaks multi-host runs).
+
+Shardable denoisers (empirical, pspc_square, pspc, pspc_flex) hold the training set in `data` and the
+static fields `axis_name` and `valid_rows`; `pspc_jax.distributed.shard` wraps one from outside.
+This module does no file I/O: maps, checkpoints and datasets are read by the command-line layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pspc_jax import schedules
+from pspc_jax.denoisers.cfdm import DEFAULT_NUM_NOISE, DEFAULT_SMOOTHING, cfdm_denoise
+from pspc_jax.denoisers.els import els_denoise
+from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise
+from pspc_jax.denoisers.pspc import composite_denoise, pspc_square_denoise
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+  """`denoiser(z, sigma) -> x_hat`: z (B, H, W, C) float32 in [-1, 1] units plus noise, sigma a
+  scalar or (B,) EDM noise level (a batch may mix levels), x_hat (B, H, W, C) float32."""
+
+  def __call__(self, z: jax.Array, sigma) -> jax.Array:
+    ...
+
+
+def static(default=None):
+  """A static (hashable, compiled-in) field of a denoiser value."""
+  return struct.field(pytree_node=False, default=default)
+
+
+def _shards(denoiser) -> dict:
+  return {"axis_name": denoiser.axis_name, "valid_rows": denoiser.valid_rows}
+
+
+@struct.dataclass
+class EmpiricalDenoiser:
+  """The optimal empirical denoiser (Eq. 6-7; `empirical.empirical_denoise`) over `data`.
+
+  Attributes:
+    data: (N, H, W, C) training images, uint8 or float in [-1, 1] (with `axis_name`: a device shard).
+    chunk_size, axis_name, valid_rows: as `empirical_denoise` (static).
+  """
+  data: jax.Array
+  chunk_size: int | None = static()
+  axis_name: Any = static()
+  valid_rows: int | None = static()
+
+  def __call__(self, z, sigma):
+    return empirical_denoise(z, sigma, self.data, chunk_size=self.chunk_size, **_shards(self))
+
+
+@struct.dataclass
+class PSPCSquareDenoiser:
+  """PSPC-Square (Eq. 11 over all s×s windows), s = `patch_schedule(σ)` per sample.
+
+  Attributes:
+    data: (N, H, W, C) training images.
+    patch_schedule: a `schedules.SigmaSchedule` of patch sizes (static); a fixed s is a one-entry
+      schedule.
+    chunk_size, axis_name, valid_rows: as `pspc.pspc_square_denoise` (static).
+  """
+  data: jax.Array
+  patch_schedule: schedules.SigmaSchedule = static()
+  chunk_size: int | None = static()
+  axis_name: Any = static()
+  valid_rows: int | None = static()
+
+  def __call__(self, z, sigma):
+    def branch(patch_size):
+      return functools.partial(_square_branch, self, int(patch_size))
+    return schedules.dispatch(self.patch_schedule, branch)(z, sigma)
+
+
+def _square_branch(denoiser: PSPCSquareDenoiser, patch_size: int, z, sigma):
+  return pspc_square_denoise(z, sigma, denoiser.data, patch_size, chunk_size=denoiser.chunk_size,
+                             **_shards(denoiser))
+
+
+@struct.dataclass
+class PSPCDenoiser:
+  """PSPC over one fixed set of cropping masks (Eq. 11; `pspc.pspc_denoise`).
+
+  Attributes:
+    data: (N, H, W, C) training images.
+    masks: a mask set pytree (`masks.PixelMasks` or `masks.IndexMasks`) covering every pixel.
+    chunk_size, axis_name, valid_rows: as `pspc.composite_denoise` (static).
+  """
+  data: jax.Array
+  masks: Any
+  chunk_size: int | None = static()
+  axis_name: Any = static()
+  valid_rows: int | None = static()
+
+  def __call__(self, z, sigma):
+    return composite_denoise(z, sigma, self.data, self.masks, chunk_size=self.chunk_size,
+                             **_shards(self))
+
+
+@struct.dataclass
+class GaussianDenoiser:
+  """The Gaussian denoiser μ + Σ(Σ+σ²I)⁻¹(z−μ) (`gaussian.gaussian_denoise`) of a fit `stats`."""
+  stats: GaussianStats
+
+  def __call__(self, z, sigma):
+    return gaussian_denoise(z, sigma, self.stats)
+
+
+@struct.dataclass
+class ELSDenoiser:
+  """ELS / LS machine (Kamb & Ganguli; `els.els_denoise`), patch size k = `patch_schedule(σ)`.
+
+  Attributes:
+    data: (N, H, W, C) training images.
+    patch_schedule: `SigmaSchedule` of odd patch sizes (static).
+    equivariant, boundary, chunk_size: as `els_denoise` (static).
+  """
+  data: jax.Array
+  patch_schedule: schedules.SigmaSchedule = static()
+  equivariant: bool = static(True)
+  boundary: str = static("zeros")
+  chunk_size: int | None = static()
+
+  def __call__(self, z, sigma):
+    def branch(patch_size):
+      return functools.partial(_els_branch, self, int(patch_size))
+    return schedules.dispatch(self.patch_schedule, branch)(z, sigma)
+
+
+def _els_branch(denoiser: ELSDenoiser, patch_size: int, z, sigma):
+  return els_denoise(z, sigma, denoiser.data, patch_size, equivariant=denoiser.equivariant,
+                     boundary=denoiser.boundary, chunk_size=denoiser.chunk_size)
+
+
+@struct.dataclass
+class CFDMDenoiser:
+  """σ-smoothed closed-form diffusion model (Scarvelis et al.; `cfdm.cfdm_denoise`).
+
+  Attributes:
+    data: (N, H, W, C) training images.
+    smoothing: the paper's smoothing parameter (≥ 0; 0 = the optimal empirical denoiser) (static).
+    num_noise, noise_seed, chunk_size: as `cfdm_denoise` (static).
+  """
+  data: jax.Array
+  smoothing: float = static(DEFAULT_SMOOTHING)
+  num_noise: int = static(DEFAULT_NUM_NOISE)
+  noise_seed: int = static(0)
+  chunk_size: int | None = static()
+
+  def __call__(self, z, sigma):
+    return cfdm_denoise(z, sigma, self.data, self.smoothing, num_noise=self.num_noise,
+                        noise_seed=self.noise_seed, chunk_size=self.chunk_size)
+
+
+@struct.dataclass
+class NetworkDenoiser:
+  """A network F with EDM preconditioning, D = c_skip·z + c_out·F(c_in·z, c_noise)
+  (`nets.precond.precond_apply`).
+
+  Attributes:
+    params: the network's parameters (leaves).
+    module: the Flax module (static, hashable).
+    sigma_data: the data's standard deviation (static; 0.5 for [-1, 1] images).
+  """
+  params: Any
+  module: Any = static()
+  sigma_data: float = static(0.5)
+
+  def __call__(self, z, sigma):
+    from pspc_jax.nets.precond import precond_apply  # the networks are imported only when used
+
+    return precond_apply(self.module, self.params, z, sigma, sigma_data=self.sigma_data)
+
+
+def is_shardable(denoiser) -> bool:
+  """Whether `denoiser` holds a training set it can stream as device shards (`distributed.shard`)."""
+  return all(hasattr(denoiser, name) for name in ("data", "axis_name", "valid_rows"))
+
+
+def data_leaves_only(denoiser, data_spec, other_spec):
+  """A pytree shaped like `denoiser` with `data_spec` at its training set and `other_spec` elsewhere
+  (e.g. shard_map partition specs)."""
+  specs = jax.tree.map(lambda _: other_spec, denoiser)
+  return specs.replace(data=data_spec)
+
+
+def as_float(value) -> jax.Array:
+  return jnp.asarray(value, jnp.float32)
