@@ -69,22 +69,31 @@ def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one o
   flags.DEFINE_string("checkpoint", None, "network: a bin/train workdir or a checkpoint folder", **fv)
 
 
-def define_device_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines `--devices` (the device mesh of the sharded denoisers) and `--multihost`."""
-  flags.DEFINE_string("devices", None,
+def define_device_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
+                        devices_help: str | None = None) -> None:
+  """Defines `--devices` (the device mesh of the sharded denoisers; `devices_help` replaces its help),
+  `--multihost` and the coordinator flags of a multi-host run."""
+  flags.DEFINE_string("devices", None, devices_help or
                       "shard the training set over devices (empirical, pspc_square, pspc_flex): "
                       "unset = one device, 'all', a device count, or DATAxBATCH such as '4x2' (data "
                       "shards × query-batch shards)", flag_values=flag_values)
   flags.DEFINE_bool("multihost", False,
-                    "join a multi-host run first (jax.distributed.initialize; JAX_COORDINATOR_ADDRESS, "
-                    "JAX_NUM_PROCESSES, JAX_PROCESS_ID or the cluster's own variables)",
-                    flag_values=flag_values)
+                    "join a multi-host run first (jax.distributed.initialize; --coordinator, "
+                    "--num_processes, --process_id, else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                    "JAX_PROCESS_ID or the cluster's own variables)", flag_values=flag_values)
+  flags.DEFINE_string("coordinator", None, "--multihost: host:port of process 0",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "--multihost: number of processes", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 … num_processes − 1",
+                       lower_bound=0, flag_values=flag_values)
 
 
 def mesh_from_flags(flag_values: flags.FlagValues = flags.FLAGS):
   """Joins the multi-host run if `--multihost`, then the mesh of `--devices` (None: one device)."""
   if flag_values.multihost:
-    distributed.initialize()
+    distributed.initialize(flag_values.coordinator, flag_values.num_processes,
+                           flag_values.process_id)
   return distributed.mesh_from_spec(flag_values.devices)
 
 

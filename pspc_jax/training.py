@@ -2,9 +2,17 @@
 
 The maths is pure and jit-able: :func:`edm_loss`, :func:`batch_loss`, :func:`train_step` (one Adam
 update and one EMA update of a :class:`TrainState`), :func:`learning_rate`, :func:`ema_beta`. The
-update is compiled once with `NamedSharding`s over a 1-D mesh of the local devices (axis "data"): the
+update is compiled once with `NamedSharding`s over a 1-D mesh of the devices (axis "data"): the
 batch is split across devices, parameters and optimiser state are replicated, and XLA inserts the
 gradient all-reduce, so 1 and N devices run the same code.
+
+Several processes (multi-host). After `pspc_jax.distributed.initialize` the mesh spans the devices of
+every process. Each process derives the same global batch indices and gathers only the rows of its own
+devices; the update, the initial state and the orbax checkpoint saves and restores are collective
+(every process makes them), and the result equals one process with as many devices. Only process 0
+prints, writes metrics.jsonl and loss.png, and draws the sample grids (from its local copy of the
+replicated EMA weights). The processes must share the workdir's filesystem (orbax writes one
+checkpoint from all of them).
 
 Resume determinism. A run is a pure function of its :class:`TrainConfig`, the dataset and the number of
 updates:
@@ -41,7 +49,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pspc_jax import checkpoints, nets, plots
+from pspc_jax import checkpoints, multihost, nets, plots
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import atomic_write
 from pspc_jax.images import to_model_range
@@ -319,8 +327,24 @@ def batch_indices(seed: int, step: int, batch_size: int, num_images: int) -> np.
 
 
 def data_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis "data" over `devices` (default: all local devices)."""
-  return Mesh(np.asarray(jax.local_devices() if devices is None else devices), ("data",))
+  """A 1-D mesh with axis "data" over `devices` (default: every device of every process)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+
+
+def global_batch(images: np.ndarray, indices: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The global batch images[indices] split by `sharding`, gathering only this process's rows.
+
+  Args:
+    images: (N, H, W, C) host array, the same in every process.
+    indices: (B,) dataset indices of the batch, the same in every process.
+    sharding: a sharding of (B, H, W, C), e.g. split on "data" over a mesh of every process's devices.
+
+  Returns:
+    (B, H, W, C) global jax.Array; each device holds its rows.
+  """
+  def rows(index):
+    return images[indices[index[0]]][(slice(None),) + tuple(index[1:])]
+  return jax.make_array_from_callback((len(indices),) + images.shape[1:], sharding, rows)
 
 
 @functools.lru_cache(maxsize=4)
@@ -399,21 +423,27 @@ class _MetricsLog:
   """`metrics.jsonl` and the progress lines: one record per window of updates.
 
   On resume the records after the restored step (logged before a crash, then lost) are dropped, so the
-  log continues exactly as an uninterrupted run's would.
+  log continues exactly as an uninterrupted run's would. A disabled log (the processes other than 0 of
+  a multi-process run) reads, writes and prints nothing.
   """
 
-  def __init__(self, path: str, start: int, num_steps: int):
-    self.path, self.num_steps = path, num_steps
-    self.records = [r for r in read_metrics(path) if r["step"] <= start]
-    with atomic_write(path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in self.records)
+  def __init__(self, path: str, start: int, num_steps: int, *, enabled: bool = True):
+    self.path, self.num_steps, self.enabled = path, num_steps, enabled
+    self.records = [r for r in read_metrics(path) if r["step"] <= start] if enabled else []
+    if enabled:
+      with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self.records)
     self.elapsed_before = self.records[-1]["elapsed_s"] if self.records else 0.0
     self.run_start = self.window_start = time.perf_counter()
     self.losses = []
 
   def write(self, done: int, lr: float) -> None:
     """Logs the mean loss of the window that ends after update `done` and prints a progress line."""
-    mean_loss = float(jnp.mean(jnp.stack(self.losses)))  # waits for the window's updates
+    if not self.enabled:
+      self.losses = []
+      return
+    # The float64 mean of this process's copies of the replicated losses (waits for the window).
+    mean_loss = float(np.mean([np.asarray(loss, np.float64) for loss in self.losses]))
     now = time.perf_counter()
     rate = len(self.losses) / (now - self.window_start)
     record = {"step": done, "loss": mean_loss, "lr": lr, "steps_per_s": rate,
@@ -470,7 +500,7 @@ def train(config: TrainConfig, images, workdir: str, *, num_steps: int, checkpoi
     log_every: print and log the mean loss every this many updates.
     keep_checkpoints: how many of the newest checkpoints to keep.
     num_samples, sample_steps: images per sample grid and Heun steps (EDM grid).
-    devices: the devices to split each batch over (default: all local devices).
+    devices: the devices to split each batch over (default: every device of every process).
     dataset_name: recorded in the checkpoint sidecar.
 
   Returns:
@@ -497,33 +527,38 @@ def train(config: TrainConfig, images, workdir: str, *, num_steps: int, checkpoi
   manager = checkpoints.open_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
   state = _restore_or_init(manager, module, config, image_shape, meta, mesh, workdir)
   start = int(state.step)
-  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, num_steps)
+  main = multihost.is_main_process()
+  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, num_steps, enabled=main)
   if start:
-    print(f"resuming from the checkpoint at step {start}", flush=True)
+    multihost.main_print(f"resuming from the checkpoint at step {start}")
   if start >= num_steps:
-    print(f"already trained for {start} >= {num_steps} steps", flush=True)
+    multihost.main_print(f"already trained for {start} >= {num_steps} steps")
     manager.close()
     return state
 
-  sampler = sample_every and make_sampler(module, image_shape, num_images=num_samples,
-                                          steps=sample_steps, sigma_data=config.sigma_data)
+  sampler = main and sample_every and make_sampler(
+      module, image_shape, num_images=num_samples, steps=sample_steps, sigma_data=config.sigma_data)
   batch_sharding = NamedSharding(mesh, P("data"))
-  print(f"training {num_steps - start} steps on {mesh.size} device(s), batch {config.batch_size}, "
-        f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters", flush=True)
+  multihost.main_print(
+      f"training {num_steps - start} steps on {mesh.size} device(s) of {jax.process_count()} "
+      f"process(es), batch {config.batch_size}, "
+      f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
   for step in range(start, num_steps):
-    batch = images[batch_indices(config.seed, step, config.batch_size, images.shape[0])]
-    state, loss = step_fn(state, jax.device_put(batch, batch_sharding))
+    indices = batch_indices(config.seed, step, config.batch_size, images.shape[0])
+    state, loss = step_fn(state, global_batch(images, indices, batch_sharding))
     log.losses.append(loss)
     done, last = step + 1, step + 1 == num_steps
     if done % log_every == 0 or last:
       log.write(done, float(learning_rate(config, step)))
     if sampler and (done % sample_every == 0 or last):
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      plots.save_grid(os.path.join(workdir, "samples", f"{done:08d}.png"),
-                      np.asarray(sampler(state.ema_params)), upscale=max(1, 128 // image_shape[0]))
+      grid = np.asarray(sampler(multihost.local_copy(state.ema_params)))
+      plots.save_grid(os.path.join(workdir, "samples", f"{done:08d}.png"), grid,
+                      upscale=max(1, 128 // image_shape[0]))
     if done % checkpoint_every == 0 or last:
       checkpoints.save_checkpoint(manager, done, ema_params=state.ema_params,
-                                  train_state=_resume_items(state), meta=meta)
-      plots.save_loss_plot(os.path.join(workdir, "loss.png"), log.records)
+                                  train_state=_resume_items(state), meta=meta)  # collective
+      if main:
+        plots.save_loss_plot(os.path.join(workdir, "loss.png"), log.records)
   manager.close()
   return state

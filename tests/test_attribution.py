@@ -150,8 +150,8 @@ def test_bad_inputs_raise_clear_errors():
   z, data = make_problem(6, 5, 1, num=5, batch=1, sigma=1.0)
   with pytest.raises(ValueError, match="k must be between 1 and the dataset size 5"):
     attribution.pixel_top_k(z, 1.0, data, 3, k=6)
-  with pytest.raises(ValueError, match="patch size 7"):
-    attribution.pixel_top_k(z, 1.0, data, 7)
+  with pytest.raises(ValueError, match="patch size 0 must be at least 1"):
+    attribution.pixel_top_k(z, 1.0, data, 0)  # 7 ≥ max(H, W) would be the whole image
   with pytest.raises(ValueError, match="needs the sampler's σ grid"):
     pj.attribute(pj.Trajectory(z[None].repeat(2, 0), z[None]), data)
 
