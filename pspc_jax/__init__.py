@@ -10,8 +10,10 @@ Public API (all array functions are pure and `jax.jit`-compatible):
   els_denoise, ls_denoise, cfdm_denoise         ELS/LS machines (Kamb & Ganguli), σ-CFDM (Scarvelis et al.)
   sample, latents_from_seeds, seed_keys         PF-ODE samplers (Euler / Heun / churn)
   SigmaSchedule, cifar10_patch_schedule, ...    σ → patch size schedules
-  make_denoiser, register, available_denoisers  denoisers by name
-  make_mesh, shard_dataset, sharded_denoiser    dataset sharded over devices/hosts (shard_map)
+  Denoiser, EmpiricalDenoiser, ...              denoisers as pytree values (pass them into jax.jit)
+  make_denoiser, register, available_denoisers  denoiser values by name
+  build_denoiser                                the same from file options (heatmaps, checkpoint), sharded
+  make_mesh, shard, shard_dataset               a denoiser's dataset sharded over devices/hosts (shard_map)
   sensitivity_maps, SensitivityMaps, ...        gradient sensitivity maps (Eq. 8), files, Fig. 3 sides
   make_network, edm_denoiser                    Flax DDPM++/NCSN++/DiT and their EDM-preconditioned D(z, σ)
   attribute, pixel_attribution, contributor_counts  attribution of samples to training images
@@ -25,14 +27,18 @@ Checkpoints (`pspc_jax.checkpoints.load_network`), training (`pspc_jax.training`
 
 from pspc_jax.attribution import (Attribution, attribute, contributor_counts, image_totals,
                                   pixel_attribution, pixel_top_k)
+from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.cfdm import cfdm_denoise
 from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.els import els_denoise, ls_denoise
-from pspc_jax.denoisers.flex import flex_masks, make_flex_denoiser, pspc_flex_denoise
+from pspc_jax.denoisers.flex import SensitivityMaps, flex_masks, pspc_flex_denoise
 from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise, gaussian_stats
 from pspc_jax.denoisers.pspc import patch_posterior_means, pspc_denoise, pspc_square_denoise
 from pspc_jax.denoisers.registry import available_denoisers, make_denoiser, register
-from pspc_jax.distributed import make_mesh, shard_dataset, sharded, sharded_denoiser
+from pspc_jax.denoisers.values import (CFDMDenoiser, Denoiser, ELSDenoiser, EmpiricalDenoiser,
+                                      GaussianDenoiser, NetworkDenoiser, PSPCDenoiser,
+                                      PSPCFlexDenoiser, PSPCSquareDenoiser, make_flex_denoiser)
+from pspc_jax.distributed import ShardedDenoiser, make_mesh, shard, shard_dataset
 from pspc_jax.edm import edm_preconditioning, edm_sigmas
 from pspc_jax.evaluation import (compare_run, evaluate_run, memorisation_stats, register_descriptor,
                                  similarity_matrix)
@@ -42,7 +48,7 @@ from pspc_jax.sampling import Trajectory, latents_from_seeds, sample, seed_keys
 from pspc_jax.schedules import (SigmaSchedule, cifar10_flex_schedule, cifar10_patch_schedule,
                                 on_edm_grid, parse_patch_schedule, parse_threshold_schedule,
                                 patch_schedule_for)
-from pspc_jax.sensitivity import (SensitivityMaps, load_maps, maps_for_sigma, save_maps,
+from pspc_jax.sensitivity import (load_maps, maps_for_sigma, save_maps,
                                   sensitivity_map, sensitivity_maps, square_capture_sides)
 from pspc_jax.tuning import ErrorSurface, argmin_schedule, tune_run
 

@@ -53,8 +53,6 @@ tests exercise 1 and 8 devices of one host.)
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import os
 from typing import Any, Callable, NamedTuple, Sequence
@@ -203,114 +201,6 @@ def shard_dataset(data, mesh: Mesh, axis=DATA_AXIS) -> ShardedDataset:
   return ShardedDataset(array, num, axis)
 
 
-def sharded(denoise_fn: Callable[..., jax.Array], mesh: Mesh, *, valid_rows: int | None = None,
-            data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -> Callable:
-  """Runs a kernel over a sharded dataset: `run(z, sigma, data) -> x_hat` on global arrays.
-
-  Args:
-    denoise_fn: `denoise_fn(z, sigma, data, *, axis_name, valid_rows)` on one device's query block
-      and dataset shard (e.g. `empirical_denoise`, or `functools.partial(pspc_square_denoise,
-      patch_size=3)`); it must merge across `axis_name` itself, as the kernels of this package do.
-    mesh: the device mesh.
-    valid_rows: real rows of the dataset (`ShardedDataset.valid_rows`); None: no padding.
-    data_axis: mesh axis (or axes) of the dataset shards.
-    batch_axis: mesh axis of the query batch (None, or an axis the mesh lacks: queries replicated).
-
-  Returns:
-    A jitted `run(z, sigma, data)`: z (B, H, W, C), sigma a scalar or (B,), data the `images` of a
-    `ShardedDataset` of the same mesh and axis. Any B works (the batch is padded with copies of its
-    last sample to a multiple of the batch devices). The output is replicated on every device.
-  """
-  if batch_axis is not None and batch_axis not in mesh.axis_names:
-    batch_axis = None
-  batch_spec = P(batch_axis)
-  batch_shards = _axis_size(mesh, batch_axis)
-
-  def local(z, sigma, data):
-    return denoise_fn(z, sigma, data, axis_name=data_axis, valid_rows=valid_rows)
-
-  # check_vma=False: the schedules' `lax.cond` dispatch returns a batch-varying value from one branch
-  # and its invariant operand from the other, which the varying-axes type check rejects. The output
-  # is replicated along the data axis all the same: every device of a data group ends with the same
-  # psum results.
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=(batch_spec, batch_spec, P(data_axis)),
-                         out_specs=batch_spec, check_vma=False)
-
-  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-  def run(z, sigma, data):
-    if z.ndim != 4:
-      raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
-    batch = z.shape[0]
-    sigma = images.sigma_per_sample(sigma, batch)
-    pad = -batch % batch_shards
-    if pad:  # copies of the last sample: same σ, so no extra schedule branch
-      z = jnp.concatenate([z, jnp.repeat(z[-1:], pad, axis=0)])
-      sigma = jnp.concatenate([sigma, jnp.repeat(sigma[-1:], pad)])
-    return mapped(z, sigma, data)[:batch]
-
-  return run
-
-
-def supports_sharding(name: str) -> bool:
-  """Whether registry denoiser `name` can shard its dataset (its builder takes `axis_name`)."""
-  from pspc_jax.denoisers import registry
-
-  parameters = inspect.signature(registry.builder(name)).parameters
-  return "axis_name" in parameters and "valid_rows" in parameters
-
-
-def sharded_denoiser(name: str, data, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS,
-                     **options) -> Denoiser:
-  """Registry denoiser `name` with the dataset sharded over `mesh` (`make_denoiser(..., mesh=mesh)`).
-
-  Args:
-    name: a registered denoiser whose builder takes `axis_name` and `valid_rows` (empirical,
-      pspc_square, pspc_flex).
-    data: (N, H, W, C) images (NumPy or jax.Array), or a `ShardedDataset` of this mesh (to share one
-      sharded copy between denoisers).
-    mesh: the device mesh (`make_mesh`).
-    data_axis, batch_axis: the mesh axes of dataset shards and query batches.
-    **options: the builder's options (`make_denoiser`), checked here.
-
-  Returns:
-    `denoise(z, sigma)` (jitted; z (B, H, W, C) with any B, sigma a scalar or (B,), mixed levels
-    allowed), equal to the single-device denoiser up to float32 rounding; output replicated.
-
-  Raises:
-    ValueError: unknown name, a denoiser that cannot shard its dataset, or bad options.
-  """
-  from pspc_jax.denoisers import registry
-
-  build = registry.builder(name)
-  if not supports_sharding(name):
-    shardable = ", ".join(n for n in registry.available_denoisers() if supports_sharding(n))
-    raise ValueError(f"the {name} denoiser cannot shard its dataset over devices; run it on one "
-                     f"device (no --devices), or use one of {shardable}")
-  if isinstance(data, ShardedDataset):
-    if data.axis != data_axis:
-      raise ValueError(f"the dataset is sharded over mesh axis {data.axis!r}, not {data_axis!r}")
-    dataset = data
-  else:
-    dataset = shard_dataset(data, mesh, data_axis)
-  # Build once on a placeholder shard so that bad options fail here, not at the first call.
-  shard_shape = (dataset.images.shape[0] // _axis_size(mesh, data_axis),) + dataset.images.shape[1:]
-  build(jax.ShapeDtypeStruct(shard_shape, dataset.images.dtype), axis_name=data_axis,
-        valid_rows=dataset.valid_rows, **options)
-
-  def local(z, sigma, shard, *, axis_name, valid_rows):
-    return build(shard, axis_name=axis_name, valid_rows=valid_rows, **options)(z, sigma)
-
-  run = sharded(local, mesh, valid_rows=dataset.valid_rows, data_axis=data_axis,
-                batch_axis=batch_axis)
-
-  def denoise(z, sigma):
-    if jax.process_count() > 1:  # host arrays → global replicated arrays (same values on every host)
-      z, sigma = replicate(z, mesh), replicate(sigma, mesh)
-    return run(z, sigma, dataset.images)
-
-  return denoise
-
-
 def replicate(x, mesh: Mesh):
   """A host value (NumPy, scalar, or fully addressable jax.Array) as a global array replicated on
   every device of `mesh`, for the inputs of jitted multi-host computations (every process must pass
@@ -323,7 +213,7 @@ def replicate(x, mesh: Mesh):
   return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class ShardedDenoiser:
   """A denoiser value whose training set is sharded over a device mesh (`shard`).
 
@@ -340,28 +230,35 @@ class ShardedDenoiser:
   batch_axis: Any = struct.field(pytree_node=False, default=BATCH_AXIS)
 
   def __call__(self, z, sigma):
-    """x̂ (B, H, W, C), replicated over the data axis; any B (padded to the batch shards)."""
+    """x̂ (B, H, W, C), replicated on every device; any B (padded to the batch shards)."""
     if jax.process_count() > 1:  # host arrays → global replicated arrays (same values on every host)
       z, sigma = replicate(z, self.mesh), replicate(sigma, self.mesh)
-    z = jnp.asarray(z, jnp.float32)
-    if z.ndim != 4:
-      raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
-    batch = z.shape[0]
-    sigma = images.sigma_per_sample(sigma, batch)
-    pad = -batch % _axis_size(self.mesh, self.batch_axis)
-    if pad:  # copies of the last sample: same σ, so no extra schedule branch
-      z = jnp.concatenate([z, jnp.repeat(z[-1:], pad, axis=0)])
-      sigma = jnp.concatenate([sigma, jnp.repeat(sigma[-1:], pad)])
-    batch_spec = P(self.batch_axis)
-    inner_specs = jax.tree.map(lambda _: P(), self.inner).replace(data=P(self.data_axis))
-    # check_vma=False: the schedules' `lax.cond` dispatch returns a batch-varying value from one
-    # branch and its invariant operand from the other, which the varying-axes type check rejects.
-    # The output is replicated along the data axis all the same (every device of a data group ends
-    # with the same psum results).
-    mapped = jax.shard_map(lambda zz, ss, inner: inner(zz, ss), mesh=self.mesh,
-                           in_specs=(batch_spec, batch_spec, inner_specs), out_specs=batch_spec,
-                           check_vma=False)
-    return mapped(z, sigma, self.inner)[:batch]
+    return _sharded_call(self, z, sigma)
+
+
+@jax.jit
+def _sharded_call(denoiser: ShardedDenoiser, z, sigma):
+  """`ShardedDenoiser.__call__`, compiled once per denoiser structure and input shape."""
+  z = jnp.asarray(z, jnp.float32)
+  if z.ndim != 4:
+    raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
+  batch = z.shape[0]
+  sigma = images.sigma_per_sample(sigma, batch)
+  pad = -batch % _axis_size(denoiser.mesh, denoiser.batch_axis)
+  if pad:  # copies of the last sample: same σ, so no extra schedule branch
+    z = jnp.concatenate([z, jnp.repeat(z[-1:], pad, axis=0)])
+    sigma = jnp.concatenate([sigma, jnp.repeat(sigma[-1:], pad)])
+  batch_spec = P(denoiser.batch_axis)
+  inner_specs = jax.tree.map(lambda _: P(), denoiser.inner).replace(data=P(denoiser.data_axis))
+  # check_vma=False: the schedules' `lax.cond` dispatch returns a batch-varying value from one branch
+  # and its invariant operand from the other, which the varying-axes type check rejects. The output
+  # is replicated along the data axis all the same (every device of a data group ends with the same
+  # psum results).
+  mapped = jax.shard_map(lambda zz, ss, inner: inner(zz, ss), mesh=denoiser.mesh,
+                         in_specs=(batch_spec, batch_spec, inner_specs), out_specs=batch_spec,
+                         check_vma=False)
+  out = mapped(z, sigma, denoiser.inner)[:batch]
+  return jax.lax.with_sharding_constraint(out, NamedSharding(denoiser.mesh, P()))
 
 
 def shard(denoiser, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -> ShardedDenoiser:
@@ -385,11 +282,11 @@ def shard(denoiser, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -
   Raises:
     ValueError: a denoiser that holds no shardable dataset, or one already sharded.
   """
+  if isinstance(denoiser, ShardedDenoiser) or getattr(denoiser, "axis_name", None) is not None:
+    raise ValueError("this denoiser is already sharded")
   if not is_shardable(denoiser):
     raise ValueError(f"a {type(denoiser).__name__} cannot shard a training set over devices; run it "
                      "on one device, or use empirical, pspc_square, pspc or pspc_flex")
-  if denoiser.axis_name is not None:
-    raise ValueError("this denoiser is already sharded")
   if batch_axis is not None and batch_axis not in mesh.axis_names:
     batch_axis = None
   dataset = shard_dataset(denoiser.data, mesh, data_axis)

@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pspc_jax.batching import map_batched
+from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.pspc import patch_posterior_means
-from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import atomic_write, prepare_run_dir, save_npz
 from pspc_jax.images import to_model_range
@@ -177,20 +178,21 @@ def reverse_set(denoise: Denoiser, image_shape, sigmas: Sequence[float], seeds: 
   """
   grid = reverse_grid(sigmas, steps)
   where = np.asarray([int(np.flatnonzero(grid == np.float32(s))[0]) for s in sigmas])
-  run = jax.jit(lambda lat: sample(denoise, lat, jnp.asarray(grid), solver=solver,
-                                   return_trajectory=True)[1].z[where])
-  seeds = [int(s) for s in seeds]
-  out = []
+  run = jax.jit(lambda den, seeds: jnp.swapaxes(sample(
+      den, latents_from_seeds(seeds, tuple(image_shape)), jnp.asarray(grid), solver=solver,
+      return_trajectory=True)[1].z[where], 0, 1))
+  seeds = np.asarray([int(s) for s in seeds])
   start = time.perf_counter()
-  for first in range(0, len(seeds), batch_size):
-    batch = seeds[first:first + batch_size]
-    padded = batch + [batch[-1]] * (batch_size - len(batch))
-    states = np.asarray(run(latents_from_seeds(jnp.asarray(padded), tuple(image_shape))))
-    out.append(states[:, :len(batch)])
+  done = [0]
+
+  def report(count):
+    done[0] += count
     if log:
-      log(f"reverse set: {first + len(batch)}/{len(seeds)} trajectories ({len(grid) - 1} {solver} "
+      log(f"reverse set: {done[0]}/{len(seeds)} trajectories ({len(grid) - 1} {solver} "
           f"steps) elapsed {time.perf_counter() - start:.1f}s")
-  return np.concatenate(out, axis=1)
+
+  states = map_batched(lambda batch: run(denoise, batch), [seeds], batch_size, on_batch=report)
+  return np.swapaxes(states, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,45 +210,39 @@ class BatchedDenoiser:
       raise ValueError(f"batch size must be at least 1, got {batch_size}")
     self.batch_size = int(batch_size)
     self.calls = 0  # compiled-batch calls, for tests and progress
-    self._fn = jax.jit(lambda z, sigma: denoise(z, sigma))
+    self.denoise = denoise
 
   def __call__(self, z: np.ndarray, sigma) -> np.ndarray:
     """(B, H, W, C) z, σ scalar or (B,) → (B, H, W, C) float32 NumPy outputs."""
     z = np.asarray(z, np.float32)
     sigma = np.broadcast_to(np.asarray(sigma, np.float32), (len(z),))
-    size = self.batch_size
-    out = []
-    for first in range(0, len(z), size):
-      chunk, chunk_sigma = z[first:first + size], sigma[first:first + size]
-      count = len(chunk)
-      if count < size:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
-        chunk_sigma = np.concatenate([chunk_sigma, np.repeat(chunk_sigma[-1:], size - count)])
+
+    def call(z_batch, sigma_batch):
       self.calls += 1
-      out.append(np.asarray(self._fn(jnp.asarray(chunk), jnp.asarray(chunk_sigma)))[:count])
-    return np.concatenate(out)
+      return _apply(self.denoise, z_batch, sigma_batch)
+    return map_batched(call, [z, sigma], self.batch_size)
 
 
 def registry_maker(data, options: Mapping[str, Mapping] | None = None, mesh=None
                    ) -> Callable[[str], Denoiser]:
-  """`make(name)` over the registry: `make_denoiser(name, data, **options.get(name, {}))`.
+  """`make(name)` over the registry: `build_denoiser(name, data, **options.get(name, {}))`.
 
   This is the one place where the evaluation builds denoisers; pass another `make` to `evaluate_run` /
   `compare_run` to change how they are built. With a device `mesh` (`pspc_jax.distributed.make_mesh`),
-  the denoisers that can shard their dataset (`distributed.supports_sharding`) are built sharded
-  (`make_denoiser(..., mesh=mesh)`), the others on one device.
+  the denoisers that hold a training set are sharded over it (`distributed.shard`), the others stay on
+  one device.
   """
   options = dict(options or {})
 
   def make(name):
-    kwargs = dict(options.get(name, {}))
-    if mesh is not None:
-      from pspc_jax.distributed import supports_sharding
-
-      if supports_sharding(name):
-        kwargs["mesh"] = mesh
-    return make_denoiser(name, data, **kwargs)
+    return build_denoiser(name, data, mesh=mesh, shard_if_possible=True, **options.get(name, {}))
   return make
+
+
+@jax.jit
+def _apply(denoiser, z, sigma):
+  """One denoiser call, compiled with the denoiser (and its training set) as an argument."""
+  return denoiser(z, sigma)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -278,16 +274,9 @@ class PatchMeans:
     self._fn = jax.jit(lambda z, sigma, data: patch_posterior_means(z, sigma, data, int(patch_size)))
 
   def __call__(self, z: np.ndarray, sigma: float) -> np.ndarray:
-    size = self.batch_size
-    out = []
-    for first in range(0, len(z), size):
-      chunk = np.asarray(z[first:first + size], np.float32)
-      count = len(chunk)
-      if count < size:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
-      sigmas = jnp.full((size,), sigma, jnp.float32)
-      out.append(np.asarray(self._fn(jnp.asarray(chunk), sigmas, self.data))[:count])
-    return np.concatenate(out)
+    z = np.asarray(z, np.float32)
+    sigmas = np.full((len(z),), sigma, np.float32)
+    return map_batched(lambda zb, sb: self._fn(zb, sb, self.data), [z, sigmas], self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,16 +636,16 @@ def sample_with_trajectory(denoise: Denoiser, seeds: Sequence[int], image_shape,
     `pspc_jax.sample(..., return_trajectory=True)`.
   """
   grid = jnp.asarray(sigmas, jnp.float32)
-  run = jax.jit(lambda lat: sample(denoise, lat, grid, solver=solver, return_trajectory=True))
-  seeds = [int(s) for s in seeds]
-  parts = []
-  for first in range(0, len(seeds), batch_size):
-    batch = seeds[first:first + batch_size]
-    padded = batch + [batch[-1]] * (batch_size - len(batch))
-    out, path = run(latents_from_seeds(jnp.asarray(padded), tuple(image_shape)))
-    parts.append((np.asarray(out)[:len(batch)], np.asarray(path.z)[:, :len(batch)],
-                  np.asarray(path.denoised)[:, :len(batch)]))
-  return tuple(np.concatenate([p[k] for p in parts], axis=0 if k == 0 else 1) for k in range(3))
+
+  def run(den, seeds):
+    out, path = sample(den, latents_from_seeds(seeds, tuple(image_shape)), grid, solver=solver,
+                       return_trajectory=True)
+    return out, jnp.swapaxes(path.z, 0, 1), jnp.swapaxes(path.denoised, 0, 1)
+
+  run = jax.jit(run)
+  seeds = np.asarray([int(s) for s in seeds])
+  samples, z, denoised = map_batched(lambda batch: run(denoise, batch), [seeds], batch_size)
+  return samples, np.swapaxes(z, 0, 1), np.swapaxes(denoised, 0, 1)
 
 
 def compare_run(images: np.ndarray, *, denoisers: Sequence[str], seeds: Sequence[int], outdir: str,

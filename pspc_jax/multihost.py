@@ -1,9 +1,10 @@
 """Small helpers for programs that run as several JAX processes (multi-controller, one per host).
 
-Every process runs the same program on the same inputs. Computations on global arrays are collective
-(every process must make the same calls in the same order, checkpoint saves included); what a single
-process does on its own — printing, writing a file, a preview drawn from a replicated value — is done
-by process 0 only (`is_main_process`), from its local copy of replicated arrays (`local_copy`).
+Every process runs the same program on the same inputs. Computations on global arrays are
+collective (every process must make the same calls in the same order, checkpoint saves included);
+what one process does on its own (printing, writing a file, a preview drawn from a replicated value)
+is done by process 0 only (`is_main_process`), from its local copy of replicated arrays
+(`local_copy`).
 Joining a run is `pspc_jax.distributed.initialize` (or `--multihost` at the command line).
 """
 
@@ -15,7 +16,7 @@ import jax
 
 
 def is_main_process() -> bool:
-  """Whether this is process 0, the one that prints and writes the outputs no other process writes."""
+  """Whether this is process 0, the one that prints and writes the outputs of a run."""
   return jax.process_index() == 0
 
 

@@ -117,12 +117,12 @@ def scan_chunks(step: Callable[..., tuple[Carry, Any]], init: Carry, data: jax.A
 def same_values(dists: jax.Array) -> jax.Array:
   """Distances as every consumer (minimum, exponentials, this pass and the next) must see them.
 
-  Two guards, both exact no-ops on values: `lax.optimization_barrier` materialises the distances once
-  where the compiler honours it through fusion (GPU, TPU), and max(d, 0) fixes the last rounding where it
-  does not (XLA CPU drops barriers before fusing and recomputes the distances in every consumer). Without
-  the max, LLVM contracts a distance that ends in a product (one channel, one-pixel windows: d = a·a)
-  with the gap subtraction into fma(a, a, −m) in the exp fusion, i.e. it uses the exact a² there and
-  the rounded a² in the min fusion; it cannot contract through the max.
+  Two guards, both exact no-ops on the values: `lax.optimization_barrier` materialises the distances
+  once where the compiler keeps barriers through fusion (GPU, TPU), and max(d, 0) fixes their last
+  rounding where it does not (XLA CPU drops barriers before fusing and recomputes the distances inside
+  every consumer). Without the max, LLVM contracts a distance that ends in a product (one channel and
+  one-pixel windows: d = a·a) with the gap subtraction into fma(a, a, −m) in the exp fusion, i.e. uses
+  the exact a² there and the rounded a² in the min fusion; it cannot contract through the max.
   """
   return jnp.maximum(lax.optimization_barrier(dists), 0.0)
 
@@ -131,10 +131,10 @@ def exp_gap(values: jax.Array, reference: jax.Array, scale: jax.Array) -> jax.Ar
   """exp((values − reference) · scale) for values ≥ reference and scale < 0, safe to differentiate.
 
   A +inf value (padding, a masked pair, the minimum of an empty stream) gives exactly 0, and its
-  derivatives are 0 rather than 0·inf = NaN (the gap fed to exp is replaced by 0 there, so no infinite
-  factor reaches the chain rule). A value below the reference, which only a rounding mismatch between two
-  computations of the same distance can produce, counts as the reference itself (weight 1), never as a
-  weight > 1. At values = reference the gap keeps its derivative (d values), as a stopped reference needs.
+  derivatives are 0 rather than 0·inf = NaN (the gap fed to exp is replaced by 0 there, so no
+  infinite factor reaches the chain rule). A value below the reference, which only a rounding mismatch
+  between two computations of the same distance could produce, counts as the reference (weight 1, never
+  > 1). At values = reference the gap keeps its derivative (d values), as a stopped reference needs.
   """
   present = values < jnp.inf
   gap = jnp.where(present & (values >= reference), values - reference, 0.0)

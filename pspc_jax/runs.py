@@ -25,12 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax import attribution, plots, schedules
-from pspc_jax.denoisers.registry import make_denoiser
+from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import prepare_run_dir, save_json, save_npz
 from pspc_jax.images import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.sampling import SOLVERS, latents_from_seeds, sample
+
+
+@jax.jit
+def _apply(denoiser, z, sigma):
+  """One denoiser call, compiled with the denoiser (and its training set) as an argument."""
+  return denoiser(z, sigma)
 
 
 def _load_samples(npz_path: str) -> dict[int, np.ndarray]:
@@ -105,7 +111,7 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
   # Built before anything is written, so that bad options (schedules, maps, checkpoint) leave no
   # output folder behind. With a mesh, the host array is handed over so that each device receives
   # only its shard.
-  denoise = make_denoiser(denoiser, images if mesh is not None else data, mesh=mesh, **options)
+  denoise = build_denoiser(denoiser, images if mesh is not None else data, mesh=mesh, **options)
   npz_path = os.path.join(outdir, "samples.npz")
   done = {}
   if prepare_run_dir(outdir, config, "samples.npz"):
@@ -117,10 +123,11 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
   # Per-step progress uses an ordered host callback, which XLA allows on one device only; with a mesh
   # progress is reported per batch.
   step_progress = clock.sampler_progress("step") if mesh is None else None
-  run_batch = jax.jit(lambda lat: sample(denoise, lat, sigmas, solver=solver, progress=step_progress))
+  # The denoiser (and so the training set) is an argument of the compiled sampler, not a constant.
+  run_batch = jax.jit(lambda den, lat: sample(den, lat, sigmas, solver=solver, progress=step_progress))
   todo = [s for s in seeds if s not in done]
   for batch, latents in _seed_batches(todo, batch_size, images.shape[1:], clock):
-    out = np.asarray(run_batch(latents))[:len(batch)]
+    out = np.asarray(run_batch(denoise, latents))[:len(batch)]
     done.update(zip(batch, out))
     ordered = [s for s in seeds if s in done]
     save_npz(npz_path, seeds=np.asarray(ordered), samples=np.stack([done[s] for s in ordered]))
@@ -166,7 +173,7 @@ def denoise_run(images: np.ndarray, *, denoisers: dict[str, dict], sigma: float,
   config = {"denoisers": {k: config_options(opts) for k, opts in denoisers.items()},
             "sigma": sigma, "indices": indices, "noise_seed": noise_seed, "dataset": dataset_name}
   data = jnp.asarray(images)
-  built = {name: make_denoiser(name, data, **options) for name, options in denoisers.items()}
+  built = {name: build_denoiser(name, data, **options) for name, options in denoisers.items()}
   prepare_run_dir(outdir, config, "never-resumed")
   x = to_model_range(data[jnp.asarray(indices)])
   z = x + sigma * latents_from_seeds(jnp.asarray(indices) + noise_seed, images.shape[1:])
@@ -174,7 +181,7 @@ def denoise_run(images: np.ndarray, *, denoisers: dict[str, dict], sigma: float,
   errors = {}
   for name, denoise in built.items():
     t = time.perf_counter()
-    out = np.asarray(jax.jit(denoise)(z, sigma))
+    out = np.asarray(_apply(denoise, z, sigma))
     print(f"{name}: {time.perf_counter() - t:.2f}s", flush=True)
     rows[name] = out
     errors[name] = float(np.mean((out - np.asarray(x)) ** 2))
@@ -261,7 +268,7 @@ def attribute_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: li
   if k > images.shape[0]:
     raise ValueError(f"--k={k} exceeds the {images.shape[0]} training images")
   data = jnp.asarray(images)
-  denoise = make_denoiser(denoiser, data, **options)
+  denoise = build_denoiser(denoiser, data, **options)
   os.makedirs(outdir, exist_ok=True)
   sigmas = np.asarray(edm_sigmas(steps))
   clock = _BatchClock()
@@ -273,15 +280,16 @@ def attribute_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: li
       reported[clock.batch] = tenth
       clock.report(f"attribution pass {stage}/2 {done}/{total} images")
 
-  run_sampler = jax.jit(lambda lat: sample(denoise, lat, sigmas, solver=solver, return_trajectory=True,
-                                           progress=clock.sampler_progress("sampling step")))
-  run_attribution = jax.jit(lambda path: attribution.attribute(
+  run_sampler = jax.jit(lambda den, lat: sample(den, lat, sigmas, solver=solver,
+                                                return_trajectory=True,
+                                                progress=clock.sampler_progress("sampling step")))
+  run_attribution = jax.jit(lambda path, data: attribution.attribute(
       path, data, schedule, sigmas=sigmas, k=k, sigma_range=sigma_range, chunk_size=chunk_size,
       progress=attribution_progress))
   parts = []
   for batch, latents in _seed_batches(seeds, batch_size, images.shape[1:], clock):
-    samples, path = run_sampler(latents)
-    result = run_attribution(path)
+    samples, path = run_sampler(denoise, latents)
+    result = run_attribution(path, data)
     parts.append([np.asarray(a)[:len(batch)] for a in (samples,) + tuple(result)])
   samples, indices, weights, totals = (np.concatenate(p) for p in zip(*parts))
   if previous is not None:

@@ -86,8 +86,9 @@ def sample(denoise: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray], latents, 
 
   The loop is a `jax.lax.scan`, so the whole sampler can be jitted (with `denoise` closed over);
   sigmas may be traced, while solver, s_churn, return_trajectory and progress must be static. A
-  concrete grid is checked (see `sigmas` below); a traced one cannot be, and a negative or non-finite
-  σ in it makes the denoiser outputs, hence the samples, NaN (`images.sigma_per_sample`).
+  concrete grid is checked (see `sigmas` below); a traced one cannot be: a negative or non-finite σ in
+  it makes the denoiser outputs, hence the samples, NaN (`images.sigma_per_sample`), and a rising
+  traced grid is integrated as given.
 
   Args:
     denoise: `denoise(z, sigma) -> x_hat` with z (B, H, W, C) and sigma a scalar.

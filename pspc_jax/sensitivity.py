@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pspc_jax.denoisers.flex import SensitivityMaps
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import (resume_per_sigma, save_json, save_npz,
                             sigma_part_path)
@@ -46,18 +47,6 @@ Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 DEFAULT_FRACTIONS = (0.5, 0.75, 0.95)
 # Floats held by one chunk's pulled-back gradients (chunk · C · B · H · W · C) when chunk_size is None.
 _AUTO_CHUNK_FLOATS = 1 << 22
-
-
-class SensitivityMaps(NamedTuple):
-  """Sensitivity maps on a grid of noise levels.
-
-  Attributes:
-    sigmas: (S,) float noise levels (EDM σ > 0), in any order.
-    maps: (S, H, W, H, W) float32, non-negative; maps[k, h, w] is the (H, W) map of output pixel (h, w)
-      over the input pixels at sigmas[k].
-  """
-  sigmas: np.ndarray
-  maps: np.ndarray
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,9 +167,9 @@ def _map_function(denoise: Denoiser, data, *, num_z: int, seed: int, batch_size:
   batch_size = min(batch_size, num_z)
 
   @jax.jit
-  def batch_sum(dataset, sigma, ids, weights):  # the dataset is an argument, not a compiled constant.
+  def batch_sum(den, dataset, sigma, ids, weights):  # denoiser and dataset are arguments, not constants
     z = forward_samples(dataset, sigma, ids, seed)
-    return abs_jacobian_sum(denoise, z, sigma, weights, chunk_size=chunk_size)
+    return abs_jacobian_sum(den, z, sigma, weights, chunk_size=chunk_size)
 
   def map_at(sigma):
     if not np.isfinite(sigma) or sigma <= 0:
@@ -189,7 +178,7 @@ def _map_function(denoise: Denoiser, data, *, num_z: int, seed: int, batch_size:
     for start in range(0, num_z, batch_size):
       ids = np.arange(start, start + batch_size)
       weights = (ids < num_z).astype(np.float32)  # the last batch is padded with zero weights.
-      part = np.asarray(batch_sum(data, jnp.float32(sigma), jnp.asarray(np.minimum(ids, num_z - 1)),
+      part = np.asarray(batch_sum(denoise, data, jnp.float32(sigma), jnp.asarray(np.minimum(ids, num_z - 1)),
                                   jnp.asarray(weights)), np.float64)
       total = part if total is None else total + part
     return (total / num_z).astype(np.float32)

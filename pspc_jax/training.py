@@ -327,8 +327,19 @@ def batch_indices(seed: int, step: int, batch_size: int, num_images: int) -> np.
 
 
 def data_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis "data" over `devices` (default: every device of every process)."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+  """A 1-D mesh with axis "data" over `devices` (default: every device of every process).
+
+  Raises:
+    ValueError: in a multi-process run, devices that leave out some process (it would have no share
+      of the batch and the processes would wait for each other forever).
+  """
+  mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+  processes = sorted({device.process_index for device in mesh.devices.flat})
+  if len(processes) != jax.process_count():
+    raise ValueError(f"devices must include devices of all {jax.process_count()} processes, got "
+                     f"{mesh.size} device(s) of process(es) {processes}; use every device "
+                     "(--devices=all)")
+  return mesh
 
 
 def global_batch(images: np.ndarray, indices: np.ndarray, sharding: NamedSharding) -> jax.Array:

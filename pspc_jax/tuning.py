@@ -128,6 +128,12 @@ def _padded_batches(num: int, batch_size: int):
     yield start, min(batch_size, num - start)
 
 
+@jax.jit
+def _apply(denoiser, z, sigma):
+  """One denoiser call, compiled with the denoiser (and its training set) as an argument."""
+  return denoiser(z, sigma)
+
+
 def batched_outputs(denoise: Denoiser, z, sigma: float, batch_size: int) -> np.ndarray:
   """`denoise(z, σ)` over (K, H, W, C) inputs in batches of one fixed shape (the last is padded with
   copies of its final row, so one compiled shape serves every batch); float32 NumPy (K, H, W, C)."""
@@ -204,15 +210,14 @@ def reverse_set(reference: Denoiser, latents, sigmas, *, solver: str = "heun", b
   latents = np.asarray(latents, np.float32)
   order = np.argsort(-sigmas)
   grid = jnp.asarray(sigmas[order], jnp.float32)
-  last = jax.jit(reference)
 
   @jax.jit
-  def trajectories(lat):
+  def trajectories(den, lat):  # the reference denoiser is an argument, not a compiled constant
     if grid.shape[0] == 1:
       z = (lat * grid[0])[None]
-      return z, last(z[0], grid[0])[None]
-    _, path = sample(reference, lat, grid, solver=solver, return_trajectory=True)
-    final = reference(path.z[-1], grid[-1])
+      return z, den(z[0], grid[0])[None]
+    _, path = sample(den, lat, grid, solver=solver, return_trajectory=True)
+    final = den(path.z[-1], grid[-1])
     return path.z, jnp.concatenate([path.denoised, final[None]])
 
   batch_size = max(1, min(int(batch_size), latents.shape[0]))
@@ -221,7 +226,7 @@ def reverse_set(reference: Denoiser, latents, sigmas, *, solver: str = "heun", b
     part = latents[start:start + count]
     if count < batch_size:
       part = np.concatenate([part, np.repeat(part[-1:], batch_size - count, axis=0)])
-    z, out = trajectories(jnp.asarray(part))
+    z, out = trajectories(reference, jnp.asarray(part))
     zs.append(np.asarray(z)[:, :count])
     outs.append(np.asarray(out)[:, :count])
   inverse = np.argsort(order)
@@ -466,7 +471,7 @@ def tune_run(data, reference: Denoiser, sigmas: Sequence[float], *, outdir: str,
   if todo:
     os.makedirs(parts_dir, exist_ok=True)
     data = jnp.asarray(data)
-    reference_jit = jax.jit(reference)
+    reference_jit = functools.partial(_apply, reference)
     reverse = None
     if z_source == "reverse":
       reverse = _reverse_set_cached(os.path.join(parts_dir, "reverse_z.npz"), reference, sigmas,

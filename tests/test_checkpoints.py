@@ -13,6 +13,7 @@ import pytest
 
 import test_training as tt
 from pspc_jax import checkpoints, nets, training
+from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.nets.precond import precond_apply
 
@@ -93,7 +94,7 @@ def test_network_denoiser_matches_the_preconditioned_network(tmp_path, tiny_arch
   checkpoints.save_params(str(tmp_path / "net"), params, tt.TINY, {"source": "test"},
                           image_shape=(8, 8, 1))
   data = jnp.asarray(tt._images())
-  denoise = make_denoiser("network", data, checkpoint=str(tmp_path / "net"))
+  denoise = build_denoiser("network", data, checkpoint=str(tmp_path / "net"))
   z = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   sigma = jnp.array([0.05, 1.0, 30.0])  # one batch, three noise levels
   want = precond_apply(tt.TinyNet(features=8), params, z, sigma)
@@ -111,7 +112,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_arch):
   with pytest.raises(ValueError, match="needs a checkpoint"):
     make_denoiser("network", data)
   with pytest.raises(ValueError, match="does not exist"):
-    make_denoiser("network", data, checkpoint=str(tmp_path / "missing"))
+    build_denoiser("network", data, checkpoint=str(tmp_path / "missing"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no pspc_jax checkpoint in"):
     checkpoints.load_network(str(tmp_path / "empty"))
@@ -119,7 +120,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_arch):
   checkpoints.save_params(str(tmp_path / "net"), _tiny_params(), tt.TINY, image_shape=(8, 8, 1))
   rgb = jnp.zeros((2, 8, 8, 3), jnp.uint8)
   with pytest.raises(ValueError, match=r"is for images of shape \(8, 8, 1\), not \(8, 8, 3\)"):
-    make_denoiser("network", rgb, checkpoint=str(tmp_path / "net"))
+    build_denoiser("network", rgb, checkpoint=str(tmp_path / "net"))
 
   sidecar = tmp_path / "net" / "meta" / "metadata"
   meta = json.loads(sidecar.read_text())
@@ -143,7 +144,7 @@ def test_damaged_data_files_give_one_clear_error(tmp_path, tiny_arch, damage):
         f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(ValueError, match=r"cannot read checkpoint .* \(damaged or incomplete\): "
                                        r"\w+: Error (reading|opening)") as err:
-    make_denoiser("network", jnp.asarray(tt._images()), checkpoint=str(tmp_path / "net"))
+    build_denoiser("network", jnp.asarray(tt._images()), checkpoint=str(tmp_path / "net"))
   assert "\n" not in str(err.value)
 
 

@@ -79,8 +79,9 @@ def _worker(out_path):
 
   import pspc_jax as pj
   from pspc_jax import distributed
-  from pspc_jax.denoisers.flex import make_flex_denoiser, pspc_flex_denoise
-  from pspc_jax.sensitivity import SensitivityMaps, save_maps
+  from pspc_jax.denoisers.flex import SensitivityMaps, flex_mask_set
+  from pspc_jax.denoisers.values import make_flex_denoiser
+  from pspc_jax.sensitivity import save_maps
 
   assert jax.device_count() == DEVICES, jax.devices()
   maps = _maps()
@@ -97,23 +98,20 @@ def _worker(out_path):
                                       "chunk_size": 4}),
   }
 
-  def kernel(denoiser, data, **sharding):
-    """denoise(z, sigma) over `data` (a shard inside shard_map when `sharding` is given)."""
+  def kernel(denoiser, data):
+    """The denoiser value over `data`."""
     if denoiser in registry_options:
       name, options = registry_options[denoiser]
-      return pj.make_denoiser(name, data, **options, **sharding)
+      return pj.build_denoiser(name, data, **options)
     if denoiser == "flex_fixed":
-      return lambda z, s: pspc_flex_denoise(z, s, data, maps[1], 0.5, chunk_size=3, **sharding)
-    return make_flex_denoiser(data, FLEX_SIGMAS, maps, thresholds, chunk_size=3, **sharding)
+      return pj.PSPCDenoiser(data, flex_mask_set(maps[1], 0.5), chunk_size=3)
+    return make_flex_denoiser(data, FLEX_SIGMAS, maps, thresholds, chunk_size=3)
 
   def sharded(denoiser, data, mesh):
-    if denoiser in registry_options:  # the registry path: make_denoiser(..., mesh=mesh)
+    if denoiser in registry_options:  # the registry path: build_denoiser(..., mesh=mesh)
       name, options = registry_options[denoiser]
-      return pj.make_denoiser(name, data, mesh=mesh, **options)
-    dataset = distributed.shard_dataset(data, mesh)
-    run = distributed.sharded(lambda z, s, d, **kw: kernel(denoiser, d, **kw)(z, s), mesh,
-                              valid_rows=dataset.valid_rows)
-    return lambda z, s: run(z, s, dataset.images)
+      return pj.build_denoiser(name, data, mesh=mesh, **options)
+    return distributed.shard(kernel(denoiser, data), mesh)  # any denoiser value, from outside
 
   start = time.perf_counter()
   results = {}
@@ -168,8 +166,8 @@ def _worker(out_path):
   mesh = distributed.make_mesh(4, 2)
   for denoiser in ("empirical", "square_scheduled"):
     name, options = registry_options[denoiser]
-    fn = pj.make_denoiser(name, data, mesh=mesh, **options)
-    single = jax.jit(pj.make_denoiser(name, jnp.asarray(data), **options))
+    fn = pj.build_denoiser(name, data, mesh=mesh, **options)
+    single = jax.jit(pj.build_denoiser(name, jnp.asarray(data), **options))
     z = queries["mixed"][:3]
     sigma = jnp.asarray(SIGMA_BATCHES["mixed"][:3])
     got = {"odd_batch": fn(z, sigma), "scalar_sigma": fn(z, 0.3)}
@@ -179,8 +177,9 @@ def _worker(out_path):
       want["outer_jit"] = single(z, sigma)
       latents = pj.latents_from_seeds([0, 1, 2], (HEIGHT, WIDTH, CHANNELS))
       sigmas = pj.edm_sigmas(3)
-      got["sample"] = jax.jit(lambda l: pj.sample(fn, l, sigmas))(latents)
-      want["sample"] = jax.jit(lambda l: pj.sample(single, l, sigmas))(latents)
+      run = jax.jit(lambda d, l: pj.sample(d, l, sigmas))  # the denoiser value is an argument
+      got["sample"] = run(fn, latents)
+      want["sample"] = run(pj.build_denoiser(name, jnp.asarray(data), **options), latents)
     for key in got:
       results[f"{key}-{denoiser}"] = float(np.max(np.abs(np.asarray(got[key]) - np.asarray(want[key]))))
     print(f"{time.perf_counter() - start:6.1f} s  drop-in {denoiser}", file=sys.stderr, flush=True)
@@ -272,11 +271,12 @@ def test_mesh_specs_and_errors():
   with pytest.raises(ValueError, match="cannot make a mesh"):
     distributed.make_mesh(jax.device_count() + 1)
   data, _ = _problem(5)
-  with pytest.raises(ValueError, match="cannot shard its dataset"):
-    pj.make_denoiser("gaussian", data, mesh=mesh)
-  with pytest.raises(ValueError, match="patch size 9"):
-    pj.make_denoiser("pspc_square", data, mesh=mesh, patch_schedule=9)
-  assert distributed.supports_sharding("pspc_flex") and not distributed.supports_sharding("network")
+  with pytest.raises(ValueError, match="cannot shard a training set"):
+    pj.build_denoiser("gaussian", data, mesh=mesh)
+  with pytest.raises(ValueError, match="already sharded"):
+    pj.shard(pj.build_denoiser("empirical", data, mesh=mesh), mesh)
+  with pytest.raises(ValueError, match="patch_schedule"):
+    pj.build_denoiser("pspc_square", data, mesh=mesh, patch_schedule=0)
 
 
 if __name__ == "__main__":

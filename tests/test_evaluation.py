@@ -14,6 +14,7 @@ import pytest
 from pspc_jax import evaluation as ev
 from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.pspc import patch_posterior_means
+from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.sampling import latents_from_seeds, sample
@@ -43,7 +44,7 @@ def test_mse_table_equals_direct_numpy(tmp_path):
   data = jnp.asarray(images)
   for sigma in sigmas:
     z = jnp.asarray(fs.z(np.float32(sigma)))
-    out = {name: np.asarray(make_denoiser(name, data, **options.get(name, {}))(z, np.float32(sigma)),
+    out = {name: np.asarray(build_denoiser(name, data, **options.get(name, {}))(z, np.float32(sigma)),
                             np.float64)
            for name in ("empirical", "gaussian", "pspc_square")}
     for a, b in [("empirical", "gaussian"), ("empirical", "pspc_square"), ("gaussian", "pspc_square")]:

@@ -109,7 +109,10 @@ def test_index_masks_equal_the_mask_matrix_in_both_layouts():
   masks[3] = False
   masks[3, 1, 2] = True
   dense, index = PixelMasks(masks), IndexMasks(masks, method="gather")
-  assert index.max_mask_size == 20 and index.owners.shape[1] == int(masks.sum(0).max())
+  # The index lists are held as gather blocks (steps, rows, block) covering the widest row.
+  steps, rows, block = index.owners.shape
+  assert index.max_mask_size == 20 and rows == 20 and steps * block >= int(masks.sum(0).max())
+  assert jax.tree.leaves(index)  # a pytree: its arrays are leaves
   np.testing.assert_array_equal(index.coverage, np.asarray(dense.coverage))
   e = jnp.asarray(rng.random((2, 3, 4, 5)), jnp.float32)
   w = jnp.asarray(rng.random((2, 3, 11)), jnp.float32)
@@ -257,18 +260,18 @@ def test_registry_builds_from_maps_file(tmp_path):
   sigmas, maps = write_maps(tmp_path / "maps.npz", 6, 5)
   query_sigmas = np.array([0.9, 0.02, 60.0], np.float32)
   z, data = make_problem(6, 5, 3, num=30, batch=3, sigma=query_sigmas)
-  denoise = pj.make_denoiser("pspc_flex", data, heatmaps=str(tmp_path / "maps.npz"),
+  denoise = pj.build_denoiser("pspc_flex", data, heatmaps=str(tmp_path / "maps.npz"),
                              thresholds="80:1,1:0.5,0.01:0.4")
   got = jax.jit(denoise)(z, jnp.asarray(query_sigmas))
   for b, (k, lam) in enumerate([(1, 0.5), (2, 0.4), (0, 1.0)]):
     expected = flex_fn(maps[k], lam)(z[b:b + 1], float(query_sigmas[b]), data)
     np.testing.assert_allclose(got[b:b + 1], expected, atol=1e-5)
   # A plain number is one λ at every σ (the default, the CIFAR-10 schedule, runs in the CLI test).
-  constant = pj.make_denoiser("pspc_flex", data, heatmaps=str(tmp_path / "maps.npz"), thresholds=0.5)
+  constant = pj.build_denoiser("pspc_flex", data, heatmaps=str(tmp_path / "maps.npz"), thresholds=0.5)
   np.testing.assert_allclose(jax.jit(constant)(z[:1], 0.9), flex_fn(maps[1], 0.5)(z[:1], 0.9, data),
                              atol=1e-6)
-  with pytest.raises(ValueError, match="do not fit"):
-    pj.make_denoiser("pspc_flex", data[:, :5], heatmaps=str(tmp_path / "maps.npz"))
+  with pytest.raises(ValueError, match=r"maps must have shape \(S, H, W, H, W\)"):
+    pj.build_denoiser("pspc_flex", data[:, :5], heatmaps=str(tmp_path / "maps.npz"))
 
 
 def run_tool(tool, *args):

@@ -29,7 +29,7 @@ them from a file is left to `pspc_jax.sensitivity`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,39 +175,55 @@ def check_maps(sigmas, maps, image_shape) -> tuple[np.ndarray, np.ndarray]:
   return sigmas, maps
 
 
-def make_flex_denoiser(data: jax.Array, sigmas, maps, thresholds=None, *, metric: str = "log",
-                       chunk_size: int | None = None, method: str = "auto", axis_name=None,
-                       valid_rows: int | None = None
-                       ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """PSPC-Flex with σ-dependent maps and thresholds: `denoise(z, sigma)` for batches mixing σ.
+class SensitivityMaps(NamedTuple):
+  """Sensitivity maps (Eq. 8) on a grid of noise levels.
+
+  Attributes:
+    sigmas: (S,) float noise levels (EDM σ > 0), in any order.
+    maps: (S, H, W, H, W) float32, non-negative; maps[k, h, w] is the (H, W) map of output pixel (h, w)
+      over the input pixels at sigmas[k].
+  """
+  sigmas: np.ndarray
+  maps: np.ndarray
+
+
+class FlexBranches(NamedTuple):
+  """The branches of a scheduled PSPC-Flex (`flex_branches`).
+
+  Attributes:
+    masks: one mask set per branch (`IndexMasks` / `PixelMasks` pytrees), None for the λ ≥ 1 branch
+      (the optimal empirical denoiser).
+    table: (S, T) int32: the branch of (maps index k, threshold index j).
+    map_schedule: σ → maps index (static).
+    thresholds: σ → λ (static).
+  """
+  masks: tuple
+  table: np.ndarray
+  map_schedule: schedules.SigmaSchedule
+  thresholds: schedules.SigmaSchedule
+
+
+def flex_branches(maps: SensitivityMaps, image_shape, thresholds=None, *, metric: str = "log",
+                  method: str = "auto") -> FlexBranches:
+  """The mask sets of every (maps, λ) pair that some σ reaches, computed now (concretely).
 
   Each sample at σ uses the maps of the nearest σ of the maps grid (in log σ by default, `metric`) and
-  the threshold λ(σ) of `thresholds` (its own grid and metric). The reachable (maps, λ) pairs are found
-  once (`schedules.reachable_pairs`); each is one branch with masks computed here, concretely (fast
-  gathers), and every pair with λ ≥ 1 shares one branch, the optimal empirical denoiser. Branches run
-  under `lax.cond` when a sample of the batch needs them (`schedules.dispatch_indexed`), as in the
-  scheduled PSPC-Square.
+  the threshold λ(σ) of `thresholds` (its own grid and metric). The reachable pairs are found once
+  (`schedules.reachable_pairs`); each is one branch, and every pair with λ ≥ 1 shares one branch, the
+  optimal empirical denoiser.
 
   Args:
-    data: (N, H, W, C) uint8 or float training images.
-    sigmas: (S,) noise levels of the maps, > 0.
-    maps: (S, H, W, H, W) non-negative sensitivity maps; maps[k, h, w] is the map of output pixel
-      (h, w) at sigmas[k].
+    maps: the sensitivity maps, (S,) σ and (S, H, W, H, W) maps.
+    image_shape: (H, W) of the training images.
     thresholds: a `SigmaSchedule` of λ, one number, a `schedules.parse_threshold_schedule` spec, or
       None (`schedules.CIFAR10_FLEX_THRESHOLDS` on the 18-step EDM grid, nearest in log σ).
     metric: "log" or "linear": how the nearest σ of the maps grid is chosen.
-    chunk_size: dataset rows per streamed chunk.
     method: mask form of every branch (see `pspc_flex_denoise`).
-    axis_name, valid_rows: `data` is this device's shard inside `jax.shard_map` (see
-      `pspc.composite_denoise`); None: one device, no padding.
-
-  Returns:
-    A pure `denoise(z, sigma)`: z (B, H, W, C), sigma a scalar or (B,); `jax.jit`-compatible.
 
   Raises:
     ValueError: bad maps or thresholds, or a pixel covered by no mask in some branch.
   """
-  sigmas, maps = check_maps(sigmas, maps, data.shape[1:3])
+  sigmas, maps = check_maps(maps.sigmas, maps.maps, image_shape)
   thresholds = schedules.threshold_schedule(thresholds)
   map_schedule = schedules.SigmaSchedule(tuple(float(s) for s in sigmas), tuple(range(len(sigmas))),
                                          metric)
@@ -229,23 +245,5 @@ def make_flex_denoiser(data: jax.Array, sigmas, maps, thresholds=None, *, metric
       # Pairs no σ selects (all but measure-zero ties) fall back to the nearest reachable λ grid entry.
       nearest = min(reachable, key=lambda r: abs(log_grid[r] - log_grid[j]))
       table[k, j] = keys.index(key((k, j if j in reachable else nearest)))
-
-  shards = dict(axis_name=axis_name, valid_rows=valid_rows)
-
-  def make_branch(branch_key):
-    if branch_key == ("full",):
-      return lambda z, sigma: empirical_denoise(z, sigma, data, chunk_size=chunk_size, **shards)
-    k, lam = branch_key
-    masks = flex_mask_set(maps[k], lam, method)
-
-    def denoise(z, sigma):
-      return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size, **shards)
-    return denoise
-
-  branches = [make_branch(k) for k in keys]
-  table = jnp.asarray(table)
-
-  def branch_index(sigma):
-    return table[map_schedule.index(sigma), thresholds.index(sigma)]
-
-  return schedules.dispatch_indexed(branch_index, branches)
+  masks = tuple(None if k == ("full",) else flex_mask_set(maps[k[0]], k[1], method) for k in keys)
+  return FlexBranches(masks, table, map_schedule, thresholds)

@@ -187,8 +187,13 @@ def check_coverage(coverage: np.ndarray) -> None:
                      f"{tuple(int(v) for v in missing[0])}; PSPC is undefined there (Eq. 11)")
 
 
+@jax.tree_util.register_pytree_node_class
 class PixelMasks:
-  """Arbitrary cropping masks given as a boolean (M, H, W) array; per-mask arrays end in (M,)."""
+  """Arbitrary cropping masks given as a boolean (M, H, W) array; per-mask arrays end in (M,).
+
+  A pytree: the (M, H·W) 0/1 `matrix` and the (H, W) `coverage` are leaves, the shapes static, so a
+  mask set can be held by a denoiser value and passed into `jax.jit` as an argument.
+  """
 
   def __init__(self, masks):
     if masks.ndim != 3:
@@ -199,6 +204,16 @@ class PixelMasks:
     self.coverage = jnp.sum(self.matrix, axis=0).reshape(self.image_shape)
     if not isinstance(self.coverage, jax.core.Tracer):
       check_coverage(np.asarray(self.coverage))
+
+  def tree_flatten(self):
+    return (self.matrix, self.coverage), (self.image_shape, self.mask_shape)
+
+  @classmethod
+  def tree_unflatten(cls, static, leaves):
+    masks = object.__new__(cls)
+    masks.image_shape, masks.mask_shape = static
+    masks.matrix, masks.coverage = leaves
+    return masks
 
   def sums(self, e: jax.Array) -> jax.Array:
     """(..., H, W) → (..., M)."""
@@ -242,27 +257,42 @@ def padded_indices(members: np.ndarray, fill: int) -> np.ndarray:
   return np.where(np.arange(width)[None, :] < counts[:, None], order, fill).astype(np.int32)
 
 
-def gather_sums_major(a: jax.Array, index: np.ndarray) -> jax.Array:
-  """out[m, ...] = Σ_k a[index[m, k], ...] along the leading axis of `a`; index L = len(a) reads 0.
+def gather_plan(index: np.ndarray, fill: int) -> np.ndarray:
+  """Concrete int (M, K) row indices (`fill` = padding) → the (steps, M, block) int32 blocks that
+  `gather_sums_major` reads: K padded with `fill` to a multiple of the block, blocks leading.
 
-  Args:
-    a: (L, ...) float32.
-    index: concrete int (M, K) row indices in [0, L], L meaning padding.
-
-  Returns:
-    (M, ...) float32: a sum of non-negative terms when `a` is non-negative (no cancellation).
-
-  Rows are gathered up to `_GATHER_BLOCK` at a time in a `lax.scan` over K: every add is a vectorised
-  add of one contiguous row, and nothing of size M·K·row is materialised. The scan has at least two
-  steps when K ≥ 2: a one-step loop is inlined, and XLA then fused the whole gather chain into each of
-  its consumers in the PSPC passes (measured 3-6× slower calls at K = 9 and 13 on CPU).
+  The block is at most `_GATHER_BLOCK` and at most ⌈K/2⌉, so the loop has at least two steps when
+  K ≥ 2: a one-step loop is inlined, and XLA then fused the whole gather chain into each of its
+  consumers in the PSPC passes (measured 3-6× slower calls at K = 9 and 13 on CPU).
   """
   index = np.asarray(index)
   num, width = index.shape
   block = min(_GATHER_BLOCK, max(1, -(-width // 2)))
   steps = -(-width // block)
-  index = np.pad(index, ((0, 0), (0, steps * block - width)), constant_values=a.shape[0])
-  index = jnp.asarray(index.reshape(num, steps, block).transpose(1, 0, 2))  # (steps, M, block)
+  index = np.pad(index, ((0, 0), (0, steps * block - width)), constant_values=fill)
+  return index.reshape(num, steps, block).transpose(1, 0, 2).astype(np.int32)
+
+
+def _plan_rows(plan) -> jax.Array:
+  """A `gather_plan` back as (M, K') padded row indices (K' ≥ K)."""
+  plan = jnp.asarray(plan)
+  return plan.transpose(1, 0, 2).reshape(plan.shape[1], -1)
+
+
+def gather_sums_major(a: jax.Array, plan) -> jax.Array:
+  """out[m, ...] = Σ_k a[index[m, k], ...] along the leading axis of `a`; index L = len(a) reads 0.
+
+  Args:
+    a: (L, ...) float32.
+    plan: `gather_plan(index, fill=L)` of the int (M, K) row indices in [0, L] (may be traced).
+
+  Returns:
+    (M, ...) float32: a sum of non-negative terms when `a` is non-negative (no cancellation).
+
+  Rows are gathered one block at a time in a `lax.scan` over the blocks: every add is a vectorised
+  add of one contiguous row, and nothing of size M·K·row is materialised.
+  """
+  num, block = plan.shape[1], plan.shape[2]
   flat = a.reshape(a.shape[0], -1)
 
   def step(total, idx):
@@ -270,10 +300,11 @@ def gather_sums_major(a: jax.Array, index: np.ndarray) -> jax.Array:
       total = total + jnp.take(flat, idx[:, j], axis=0, mode="fill", fill_value=0)
     return total, None
 
-  total, _ = lax.scan(step, jnp.zeros((num, flat.shape[1]), flat.dtype), index)
+  total, _ = lax.scan(step, jnp.zeros((num, flat.shape[1]), flat.dtype), jnp.asarray(plan))
   return total.reshape((num,) + a.shape[1:])
 
 
+@jax.tree_util.register_pytree_node_class
 class IndexMasks:
   """Arbitrary masks held as padded index lists: the fast form of `PixelMasks` when masks are small.
 
@@ -284,6 +315,9 @@ class IndexMasks:
   multiply-adds each for the 0/1 matrix. Each map falls back to that matrix product (exact, at
   `Precision.HIGHEST`) when its padded width exceeds `_GATHER_FRACTION` of the matrix's inner dimension,
   unless `method="gather"` forces the gathers. Per-mask arrays end in (M,).
+
+  A pytree: the index lists (as `gather_plan` blocks), the matrix (or None) and the coverage are
+  leaves, the shapes and path choices static; a denoiser value holds it and passes it into `jax.jit`.
   """
 
   def __init__(self, masks, method: str = "auto"):
@@ -298,26 +332,41 @@ class IndexMasks:
     self.coverage = flat.sum(axis=0).reshape(self.image_shape).astype(np.float32)
     check_coverage(self.coverage)
     num_masks, pixels = flat.shape
-    self.members = padded_indices(flat, fill=pixels)      # (M, K)
-    self.owners = padded_indices(flat.T, fill=num_masks)  # (P, n_max)
+    members = padded_indices(flat, fill=pixels)      # (M, K)
+    owners = padded_indices(flat.T, fill=num_masks)  # (P, n_max)
     force = method == "gather"
-    self.gather_sums = force or self.members.shape[1] <= _GATHER_FRACTION * pixels
-    self.gather_spread = force or self.owners.shape[1] <= _GATHER_FRACTION * num_masks
-    self.matrix = None if self.gather_sums and self.gather_spread else flat.astype(np.float32)
+    self.max_mask_size = members.shape[1]
+    self.gather_sums = force or members.shape[1] <= _GATHER_FRACTION * pixels
+    self.gather_spread = force or owners.shape[1] <= _GATHER_FRACTION * num_masks
+    self.members = jnp.asarray(gather_plan(members, fill=pixels))
+    self.owners = jnp.asarray(gather_plan(owners, fill=num_masks))
+    self.coverage = jnp.asarray(self.coverage)
+    matrix = None if self.gather_sums and self.gather_spread else flat.astype(np.float32)
+    self.matrix = None if matrix is None else jnp.asarray(matrix)
 
-  @property
-  def max_mask_size(self) -> int:
-    return self.members.shape[1]
+  _STATIC = ("image_shape", "mask_shape", "max_mask_size", "gather_sums", "gather_spread")
+  _LEAVES = ("members", "owners", "matrix", "coverage")
+
+  def tree_flatten(self):
+    return (tuple(getattr(self, name) for name in self._LEAVES),
+            tuple(getattr(self, name) for name in self._STATIC))
+
+  @classmethod
+  def tree_unflatten(cls, static, leaves):
+    masks = object.__new__(cls)
+    for name, value in zip(cls._STATIC + cls._LEAVES, tuple(static) + tuple(leaves)):
+      setattr(masks, name, value)
+    return masks
 
   def sums(self, e: jax.Array) -> jax.Array:
     """(..., H, W) → (..., M)."""
     flat = e.reshape(e.shape[:-2] + (-1,))
-    picked = jnp.take(flat, jnp.asarray(self.members), axis=-1, mode="fill", fill_value=0)
+    picked = jnp.take(flat, _plan_rows(self.members), axis=-1, mode="fill", fill_value=0)
     return jnp.sum(picked, axis=-1)
 
   def spread(self, w: jax.Array) -> jax.Array:
     """(..., M) → (..., H, W)."""
-    picked = jnp.take(w, jnp.asarray(self.owners), axis=-1, mode="fill", fill_value=0)
+    picked = jnp.take(w, _plan_rows(self.owners), axis=-1, mode="fill", fill_value=0)
     return jnp.sum(picked, axis=-1).reshape(w.shape[:-1] + self.image_shape)
 
   def sums_major(self, e: jax.Array) -> jax.Array:

@@ -1,29 +1,23 @@
-"""Denoisers by name: `make_denoiser("pspc_square", data) -> denoise(z, sigma)`.
+"""Denoisers by name: `make_denoiser("pspc_square", data, **options)` returns a denoiser value.
 
 Every builder takes the training set (N, H, W, C) (uint8 or float in [-1, 1]) and keyword options and
-returns a pure `denoise(z, sigma)` closure (z (B, H, W, C) float32, sigma scalar or (B,), mixed levels
-allowed) that can be passed to `jax.jit` and to `pspc_jax.sample`. Later modules add names with
-`@register("name")`.
-
-Builders that accept the keyword options `axis_name` and `valid_rows` (empirical, pspc_square,
-pspc_flex) can run with the dataset sharded over devices: `make_denoiser(name, data, mesh=mesh)`
-(`pspc_jax.distributed`) calls them inside `jax.shard_map` with this device's shard as `data`.
+returns a `values.Denoiser`: a pytree with `__call__(z, sigma)` (z (B, H, W, C) float32, sigma scalar or
+(B,), mixed levels allowed) to pass into `jax.jit`, `jax.grad`, `pspc_jax.sample` and
+`pspc_jax.distributed.shard` as an argument. Options are values, never file names: the command-line
+layer reads sensitivity maps and checkpoints (`pspc_jax.cli.denoiser_options`). Later modules add
+names with `@register("name")`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-import jax
-import numpy as np
+from pspc_jax import schedules, validation
+from pspc_jax.denoisers import values
+from pspc_jax.denoisers.flex import SensitivityMaps
+from pspc_jax.denoisers.gaussian import gaussian_stats
 
-from pspc_jax import images, schedules, validation
-from pspc_jax.denoisers.empirical import empirical_denoise
-from pspc_jax.denoisers.flex import make_flex_denoiser
-from pspc_jax.denoisers.gaussian import gaussian_denoise, gaussian_stats
-from pspc_jax.denoisers.pspc import pspc_square_denoise
-
-Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+Denoiser = values.Denoiser
 _BUILDERS: dict[str, Callable[..., Denoiser]] = {}
 
 
@@ -39,30 +33,19 @@ def available_denoisers() -> tuple[str, ...]:
   return tuple(sorted(_BUILDERS))
 
 
-def make_denoiser(name: str, data, *, mesh=None, **options) -> Denoiser:
-  """Builds the denoiser registered as `name` over the training set `data`.
-
-  With a device `mesh` (`pspc_jax.distributed.make_mesh`), the dataset is sharded over the mesh's
-  "data" axis and query batches over its "batch" axis (`distributed.sharded_denoiser`); the results
-  equal the single-device ones up to float32 rounding.
+def make_denoiser(name: str, data, **options) -> Denoiser:
+  """Builds the denoiser registered as `name` over the training set `data`, as a value.
 
   The training set is checked here once (`validation.check_data`: uint8, or float within [-1, 1];
-  the value range is scanned when the data is concrete), before any denoiser is built.
+  the value range is scanned when the data is concrete), before any denoiser is built. To shard the
+  dataset over devices, wrap the result: `pspc_jax.distributed.shard(make_denoiser(...), mesh)`.
 
   Raises:
-    ValueError: unknown name (the message lists the known ones), bad data, bad options, or a mesh for
-      a denoiser that cannot shard its dataset.
+    ValueError: unknown name (the message lists the known ones), bad data or bad options.
   """
-  if name not in _BUILDERS:
-    raise ValueError(f"unknown denoiser {name!r}; choose one of {', '.join(available_denoisers())}")
-  if mesh is not None:
-    # Imported here: it imports this module.
-    from pspc_jax.distributed import ShardedDataset, sharded_denoiser
-
-    validation.check_data(data.images if isinstance(data, ShardedDataset) else data)
-    return sharded_denoiser(name, data, mesh, **options)
+  build = builder(name)
   validation.check_data(data)
-  return _BUILDERS[name](data, **options)
+  return build(data, **options)
 
 
 def builder(name: str) -> Callable[..., Denoiser]:
@@ -86,86 +69,50 @@ def _size_schedule(spec, parse: Callable[[str, int], schedules.SigmaSchedule],
 
 
 @register("empirical")
-def _empirical(data, *, chunk_size: int | None = None, axis_name=None,
-               valid_rows: int | None = None) -> Denoiser:
+def _empirical(data, *, chunk_size: int | None = None) -> Denoiser:
   validation.positive_int(chunk_size, "chunk_size", optional=True)
-
-  def denoise(z, sigma):
-    return empirical_denoise(z, sigma, data, chunk_size=chunk_size, axis_name=axis_name,
-                             valid_rows=valid_rows)
-  return denoise
+  return values.EmpiricalDenoiser(data, chunk_size)
 
 
 @register("pspc_square")
 def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = "auto",
-                 chunk_size: int | None = None, axis_name=None,
-                 valid_rows: int | None = None) -> Denoiser:
+                 chunk_size: int | None = None) -> Denoiser:
   """`patch_schedule`: a SigmaSchedule, a fixed patch size, or a spec for `parse_patch_schedule`."""
   shape = (data.shape[1], data.shape[2])  # sizes apply as min(s, H) × min(s, W): max(H, W) is full
   patch_schedule = _size_schedule(patch_schedule, schedules.parse_patch_schedule, shape)
   validation.positive_int(chunk_size, "chunk_size", optional=True)
-
-  def make_branch(patch_size):
-    def denoise(z, sigma):
-      return pspc_square_denoise(z, sigma, data, patch_size, chunk_size=chunk_size,
-                                 axis_name=axis_name, valid_rows=valid_rows)
-    return denoise
-
-  return schedules.dispatch(patch_schedule, make_branch)
+  return values.PSPCSquareDenoiser(data, patch_schedule, chunk_size)
 
 
 @register("pspc_flex")
-def _pspc_flex(data, *, heatmaps: str | None = None,
+def _pspc_flex(data, *, maps: SensitivityMaps | None = None,
                thresholds: schedules.SigmaSchedule | float | str = "cifar10",
-               chunk_size: int | None = None, method: str = "auto", axis_name=None,
-               valid_rows: int | None = None) -> Denoiser:
-  """`heatmaps`: a sensitivity-map .npz (`pspc_jax.sensitivity.save_maps`, e.g. from bin/sensitivity);
-  each sample uses the maps of the nearest σ of that file in log σ. `thresholds`: a λ SigmaSchedule, one
-  number, or a spec for `schedules.parse_threshold_schedule` (default: the paper's CIFAR-10 values)."""
-  if not heatmaps:
-    raise ValueError("the pspc_flex denoiser needs sensitivity maps (--heatmaps=FILE.npz, written by "
-                     "bin/sensitivity)")
-  validation.positive_int(chunk_size, "chunk_size", optional=True)
-  # Imported here so that the other denoisers do not depend on the sensitivity module.
-  from pspc_jax.sensitivity import load_maps
-
-  maps = load_maps(heatmaps)
-  image = tuple(data.shape[1:3])
-  if tuple(maps.maps.shape[1:]) != image + image:
-    raise ValueError(f"{heatmaps}: maps of {tuple(maps.maps.shape[1:3])} images do not fit the "
-                     f"{image} training images")
-  return make_flex_denoiser(data, maps.sigmas, maps.maps, thresholds, chunk_size=chunk_size,
-                            method=method, axis_name=axis_name, valid_rows=valid_rows)
+               chunk_size: int | None = None, method: str = "auto") -> Denoiser:
+  """`maps`: the `SensitivityMaps` (read a file with `pspc_jax.sensitivity.load_maps`); each sample
+  uses the maps of the nearest σ in log σ. `thresholds`: a λ SigmaSchedule, one number, or a spec for
+  `schedules.parse_threshold_schedule` (default: the paper's CIFAR-10 values)."""
+  if not isinstance(maps, SensitivityMaps):
+    raise ValueError("the pspc_flex denoiser needs sensitivity maps: maps=SensitivityMaps "
+                     "(pspc_jax.load_maps(path) reads a file; --heatmaps=FILE at the command line), "
+                     f"got {type(maps).__name__}")
+  return values.make_flex_denoiser(data, maps.sigmas, maps.maps, thresholds, chunk_size=chunk_size,
+                                   method=method)
 
 
 @register("gaussian")
 def _gaussian(data, *, rank: int | None = None) -> Denoiser:
-  stats = gaussian_stats(data, rank=rank)
-
-  def denoise(z, sigma):
-    return gaussian_denoise(z, sigma, stats)
-  return denoise
+  return values.GaussianDenoiser(gaussian_stats(data, rank=rank))
 
 
 @register("network")
-def _network(data, *, checkpoint: str | None = None) -> Denoiser:
-  """A trained (`bin/train`) or converted network with EDM preconditioning, from `checkpoint`: a
-  training workdir, its checkpoints/ folder or one step folder (newest step unless a step folder)."""
-  if not checkpoint:
-    raise ValueError("the network denoiser needs a checkpoint (--checkpoint=DIR)")
-  # Imported here so that the other denoisers do not pay for importing orbax.
-  from pspc_jax.checkpoints import load_network
-  from pspc_jax.nets.precond import edm_denoiser
-
-  module, params, meta = load_network(checkpoint, image_shape=data.shape[1:])
-  apply = jax.jit(lambda p, z, sigma: edm_denoiser(module, p, sigma_data=meta["sigma_data"])(z, sigma))
-
-  def denoise(z, sigma):
-    # σ checked (concrete) or made NaN where invalid (traced), as in the other denoisers.
-    validation.check_finite(z, "z")
-    sigma = images.sigma_per_sample(sigma, np.shape(z)[0])
-    return apply(params, z, sigma)  # params stay an argument, not constants compiled into the graph
-  return denoise
+def _network(data, *, module: Any = None, params: Any = None, sigma_data: float = 0.5) -> Denoiser:
+  """A network with EDM preconditioning from its Flax `module` and `params` (read a checkpoint with
+  `pspc_jax.checkpoints.load_network`; --checkpoint=DIR at the command line)."""
+  if module is None or params is None:
+    raise ValueError("the network denoiser needs module= and params= (pspc_jax.checkpoints."
+                     "load_network(path) reads them; --checkpoint=DIR at the command line)")
+  del data  # the network does not read the training set
+  return values.NetworkDenoiser(params, module, float(sigma_data))
 
 
 @register("els")
@@ -175,19 +122,12 @@ def _els(data, *, patch_schedule: schedules.SigmaSchedule | int | str = "auto",
   SigmaSchedule, one odd patch size, or a spec for `els.parse_els_patch_schedule` ("auto": the PSPC
   schedule rescaled to the image side and made odd, full image → 2·side − 1). `equivariant=False` gives
   their LS machine; `boundary`: "zeros" (default) or "circular"."""
-  from pspc_jax.denoisers.els import els_denoise, parse_els_patch_schedule
+  from pspc_jax.denoisers.els import parse_els_patch_schedule
 
   patch_schedule = _size_schedule(patch_schedule, parse_els_patch_schedule,
                                   max(data.shape[1], data.shape[2]))
   validation.positive_int(chunk_size, "chunk_size", optional=True)
-
-  def make_branch(patch_size):
-    def denoise(z, sigma):
-      return els_denoise(z, sigma, data, patch_size, equivariant=equivariant, boundary=boundary,
-                         chunk_size=chunk_size)
-    return denoise
-
-  return schedules.dispatch(patch_schedule, make_branch)
+  return values.ELSDenoiser(data, patch_schedule, bool(equivariant), boundary, chunk_size)
 
 
 @register("cfdm")
@@ -200,12 +140,7 @@ def _cfdm(data, *, smoothing: float | None = None, num_noise: int | None = None,
 
   smoothing = cfdm.DEFAULT_SMOOTHING if smoothing is None else smoothing
   validation.check_non_negative(smoothing, "smoothing")
-  smoothing = float(smoothing)
   num_noise = validation.positive_int(num_noise, "num_noise", optional=True) or cfdm.DEFAULT_NUM_NOISE
-  validation.positive_int(noise_seed, "noise_seed", minimum=0)
+  noise_seed = validation.positive_int(noise_seed, "noise_seed", minimum=0)
   validation.positive_int(chunk_size, "chunk_size", optional=True)
-
-  def denoise(z, sigma):
-    return cfdm.cfdm_denoise(z, sigma, data, smoothing, num_noise=num_noise, noise_seed=noise_seed,
-                             chunk_size=chunk_size)
-  return denoise
+  return values.CFDMDenoiser(data, float(smoothing), num_noise, noise_seed, chunk_size)

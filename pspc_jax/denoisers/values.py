@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pspc_jax import schedules
+from pspc_jax import images, schedules, validation
 from pspc_jax.denoisers.cfdm import DEFAULT_NUM_NOISE, DEFAULT_SMOOTHING, cfdm_denoise
 from pspc_jax.denoisers.els import els_denoise
 from pspc_jax.denoisers.empirical import empirical_denoise
+from pspc_jax.denoisers.flex import SensitivityMaps, flex_branches
 from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise
 from pspc_jax.denoisers.pspc import composite_denoise, pspc_square_denoise
 
@@ -52,7 +53,7 @@ def _shards(denoiser) -> dict:
   return {"axis_name": denoiser.axis_name, "valid_rows": denoiser.valid_rows}
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class EmpiricalDenoiser:
   """The optimal empirical denoiser (Eq. 6-7; `empirical.empirical_denoise`) over `data`.
 
@@ -69,7 +70,7 @@ class EmpiricalDenoiser:
     return empirical_denoise(z, sigma, self.data, chunk_size=self.chunk_size, **_shards(self))
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class PSPCSquareDenoiser:
   """PSPC-Square (Eq. 11 over all s×s windows), s = `patch_schedule(σ)` per sample.
 
@@ -96,7 +97,7 @@ def _square_branch(denoiser: PSPCSquareDenoiser, patch_size: int, z, sigma):
                              **_shards(denoiser))
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class PSPCDenoiser:
   """PSPC over one fixed set of cropping masks (Eq. 11; `pspc.pspc_denoise`).
 
@@ -116,7 +117,65 @@ class PSPCDenoiser:
                              **_shards(self))
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+class PSPCFlexDenoiser:
+  """PSPC-Flex (Eq. 12): per sample, the masks of the nearest maps σ cut at λ(σ) (`flex.flex_branches`).
+
+  Attributes:
+    data: (N, H, W, C) training images.
+    masks: one mask set pytree per branch (None: the λ ≥ 1 branch, the optimal empirical denoiser).
+    table: (S, T) int32 branch of (maps index, threshold index).
+    map_schedule, thresholds: σ → maps index and σ → λ (static).
+    chunk_size, axis_name, valid_rows: as `pspc.composite_denoise` (static).
+  """
+  data: jax.Array
+  masks: tuple
+  table: jax.Array
+  map_schedule: schedules.SigmaSchedule = static()
+  thresholds: schedules.SigmaSchedule = static()
+  chunk_size: int | None = static()
+  axis_name: Any = static()
+  valid_rows: int | None = static()
+
+  def __call__(self, z, sigma):
+    def branch_index(sigma):
+      return self.table[self.map_schedule.index(sigma), self.thresholds.index(sigma)]
+    branches = [functools.partial(_flex_branch, self, k) for k in range(len(self.masks))]
+    return schedules.dispatch_indexed(branch_index, branches)(z, sigma)
+
+
+def _flex_branch(denoiser: PSPCFlexDenoiser, index: int, z, sigma):
+  masks = denoiser.masks[index]
+  if masks is None:
+    return empirical_denoise(z, sigma, denoiser.data, chunk_size=denoiser.chunk_size,
+                             **_shards(denoiser))
+  return composite_denoise(z, sigma, denoiser.data, masks, chunk_size=denoiser.chunk_size,
+                           **_shards(denoiser))
+
+
+def make_flex_denoiser(data, sigmas, maps, thresholds=None, *, metric: str = "log",
+                       chunk_size: int | None = None, method: str = "auto") -> PSPCFlexDenoiser:
+  """PSPC-Flex with σ-dependent maps and thresholds, as a denoiser value (masks computed now).
+
+  Args:
+    data: (N, H, W, C) uint8 or float training images.
+    sigmas: (S,) noise levels of the maps, > 0.
+    maps: (S, H, W, H, W) non-negative sensitivity maps; maps[k, h, w] is the map of output pixel
+      (h, w) at sigmas[k].
+    thresholds, metric, method: as `flex.flex_branches`.
+    chunk_size: dataset rows per streamed chunk.
+
+  Raises:
+    ValueError: bad maps or thresholds, or a pixel covered by no mask in some branch.
+  """
+  validation.positive_int(chunk_size, "chunk_size", optional=True)
+  branches = flex_branches(SensitivityMaps(sigmas, maps), tuple(data.shape[1:3]), thresholds,
+                           metric=metric, method=method)
+  return PSPCFlexDenoiser(data, branches.masks, jnp.asarray(branches.table), branches.map_schedule,
+                          branches.thresholds, chunk_size)
+
+
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class GaussianDenoiser:
   """The Gaussian denoiser μ + Σ(Σ+σ²I)⁻¹(z−μ) (`gaussian.gaussian_denoise`) of a fit `stats`."""
   stats: GaussianStats
@@ -125,7 +184,7 @@ class GaussianDenoiser:
     return gaussian_denoise(z, sigma, self.stats)
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class ELSDenoiser:
   """ELS / LS machine (Kamb & Ganguli; `els.els_denoise`), patch size k = `patch_schedule(σ)`.
 
@@ -151,7 +210,7 @@ def _els_branch(denoiser: ELSDenoiser, patch_size: int, z, sigma):
                      boundary=denoiser.boundary, chunk_size=denoiser.chunk_size)
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class CFDMDenoiser:
   """σ-smoothed closed-form diffusion model (Scarvelis et al.; `cfdm.cfdm_denoise`).
 
@@ -171,7 +230,7 @@ class CFDMDenoiser:
                         noise_seed=self.noise_seed, chunk_size=self.chunk_size)
 
 
-@struct.dataclass
+@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
 class NetworkDenoiser:
   """A network F with EDM preconditioning, D = c_skip·z + c_out·F(c_in·z, c_noise)
   (`nets.precond.precond_apply`).
@@ -188,6 +247,9 @@ class NetworkDenoiser:
   def __call__(self, z, sigma):
     from pspc_jax.nets.precond import precond_apply  # the networks are imported only when used
 
+    # σ checked (concrete) or made NaN where invalid (traced), as in the other denoisers.
+    validation.check_finite(z, "z")
+    sigma = images.sigma_per_sample(sigma, jnp.shape(z)[0])
     return precond_apply(self.module, self.params, z, sigma, sigma_data=self.sigma_data)
 
 
@@ -201,7 +263,3 @@ def data_leaves_only(denoiser, data_spec, other_spec):
   (e.g. shard_map partition specs)."""
   specs = jax.tree.map(lambda _: other_spec, denoiser)
   return specs.replace(data=data_spec)
-
-
-def as_float(value) -> jax.Array:
-  return jnp.asarray(value, jnp.float32)
