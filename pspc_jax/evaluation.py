@@ -45,6 +45,7 @@ import numpy as np
 from pspc_jax.batching import map_batched
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.pspc import patch_posterior_means
+from pspc_jax.denoisers.values import as_argument
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import atomic_write, prepare_run_dir, save_npz
 from pspc_jax.images import to_model_range
@@ -191,6 +192,7 @@ def reverse_set(denoise: Denoiser, image_shape, sigmas: Sequence[float], seeds: 
       log(f"reverse set: {done[0]}/{len(seeds)} trajectories ({len(grid) - 1} {solver} "
           f"steps) elapsed {time.perf_counter() - start:.1f}s")
 
+  denoise = as_argument(denoise)
   states = map_batched(lambda batch: run(denoise, batch), [seeds], batch_size, on_batch=report)
   return np.swapaxes(states, 0, 1)
 
@@ -210,7 +212,7 @@ class BatchedDenoiser:
       raise ValueError(f"batch size must be at least 1, got {batch_size}")
     self.batch_size = int(batch_size)
     self.calls = 0  # compiled-batch calls, for tests and progress
-    self.denoise = denoise
+    self.denoise = as_argument(denoise)
 
   def __call__(self, z: np.ndarray, sigma) -> np.ndarray:
     """(B, H, W, C) z, σ scalar or (B,) → (B, H, W, C) float32 NumPy outputs."""
@@ -644,6 +646,7 @@ def sample_with_trajectory(denoise: Denoiser, seeds: Sequence[int], image_shape,
 
   run = jax.jit(run)
   seeds = np.asarray([int(s) for s in seeds])
+  denoise = as_argument(denoise)
   samples, z, denoised = map_batched(lambda batch: run(denoise, batch), [seeds], batch_size)
   return samples, np.swapaxes(z, 0, 1), np.swapaxes(denoised, 0, 1)
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax.denoisers.flex import SensitivityMaps
+from pspc_jax.denoisers.values import as_argument
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import (resume_per_sigma, save_json, save_npz,
                             sigma_part_path)
@@ -178,7 +179,7 @@ def _map_function(denoise: Denoiser, data, *, num_z: int, seed: int, batch_size:
     for start in range(0, num_z, batch_size):
       ids = np.arange(start, start + batch_size)
       weights = (ids < num_z).astype(np.float32)  # the last batch is padded with zero weights.
-      part = np.asarray(batch_sum(denoise, data, jnp.float32(sigma), jnp.asarray(np.minimum(ids, num_z - 1)),
+      part = np.asarray(batch_sum(as_argument(denoise), data, jnp.float32(sigma), jnp.asarray(np.minimum(ids, num_z - 1)),
                                   jnp.asarray(weights)), np.float64)
       total = part if total is None else total + part
     return (total / num_z).astype(np.float32)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax import schedules
+from pspc_jax.denoisers.values import as_argument
 from pspc_jax.denoisers.flex import flex_masks, pspc_flex_denoise
 from pspc_jax.denoisers.pspc import pspc_square_denoise
 from pspc_jax.files import (atomic_write, resume_per_sigma, save_json, save_npz,
@@ -226,7 +227,7 @@ def reverse_set(reference: Denoiser, latents, sigmas, *, solver: str = "heun", b
     part = latents[start:start + count]
     if count < batch_size:
       part = np.concatenate([part, np.repeat(part[-1:], batch_size - count, axis=0)])
-    z, out = trajectories(reference, jnp.asarray(part))
+    z, out = trajectories(as_argument(reference), jnp.asarray(part))
     zs.append(np.asarray(z)[:, :count])
     outs.append(np.asarray(out)[:, :count])
   inverse = np.argsort(order)
@@ -471,7 +472,7 @@ def tune_run(data, reference: Denoiser, sigmas: Sequence[float], *, outdir: str,
   if todo:
     os.makedirs(parts_dir, exist_ok=True)
     data = jnp.asarray(data)
-    reference_jit = functools.partial(_apply, reference)
+    reference_jit = functools.partial(_apply, as_argument(reference))
     reverse = None
     if z_source == "reverse":
       reverse = _reverse_set_cached(os.path.join(parts_dir, "reverse_z.npz"), reference, sigmas,

@@ -109,7 +109,7 @@ def _network(data, *, module: Any = None, params: Any = None, sigma_data: float 
   """A network with EDM preconditioning from its Flax `module` and `params` (read a checkpoint with
   `pspc_jax.checkpoints.load_network`; --checkpoint=DIR at the command line)."""
   if module is None or params is None:
-    raise ValueError("the network denoiser needs module= and params= (pspc_jax.checkpoints."
+    raise ValueError("the network denoiser needs a checkpoint: module= and params= (pspc_jax.checkpoints."
                      "load_network(path) reads them; --checkpoint=DIR at the command line)")
   del data  # the network does not read the training set
   return values.NetworkDenoiser(params, module, float(sigma_data))

@@ -263,3 +263,11 @@ def data_leaves_only(denoiser, data_spec, other_spec):
   (e.g. shard_map partition specs)."""
   specs = jax.tree.map(lambda _: other_spec, denoiser)
   return specs.replace(data=data_spec)
+
+
+def as_argument(denoiser):
+  """`denoiser` as a value that can be passed into `jax.jit`: denoiser values as they are, and a plain
+  function wrapped in a `jax.tree_util.Partial` (no leaves; what it closes over stays a constant)."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(denoiser)):
+    return jax.tree_util.Partial(denoiser)
+  return denoiser
