@@ -174,8 +174,8 @@ def test_bin_sample_and_denoise_with_a_songunet_checkpoint(tmp_path):
 def test_committed_digits_baseline_denoises_digits():
   from pspc_jax.data import load_dataset
   digits = load_dataset("digits").images
-  denoise = make_denoiser("network", digits,
-                          checkpoint=os.path.join(REPO, "checkpoints", "digits_ddpmpp_small"))
+  denoise = build_denoiser("network", digits,
+                           checkpoint=os.path.join(REPO, "checkpoints", "digits_ddpmpp_small"))
   x = jnp.asarray(digits[:8], jnp.float32) / 127.5 - 1
   noise = jax.random.normal(jax.random.key(0), x.shape)
   sigma = jnp.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0])

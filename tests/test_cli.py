@@ -125,6 +125,8 @@ def test_denoiser_options_from_the_shared_flags():
   for name in registry.available_denoisers():
     parameters = inspect.signature(registry._BUILDERS[name]).parameters
     for option, value in cli.denoiser_options(name, defaults).items():
+      if option in ("heatmaps", "checkpoint"):  # files: read by build_denoiser into maps / params
+        continue
       assert parameters[option].default == value, (name, option)
 
 
