@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +65,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pspc_jax import images
-from pspc_jax.denoisers.values import is_shardable
+from pspc_jax.denoisers.values import denoiser_value, is_shardable
 
 DATA_AXIS = "data"
 BATCH_AXIS = "batch"
-
-Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -213,7 +211,7 @@ def replicate(x, mesh: Mesh):
   return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class ShardedDenoiser:
   """A denoiser value whose training set is sharded over a device mesh (`shard`).
 

@@ -45,7 +45,7 @@ import numpy as np
 from pspc_jax.batching import map_batched
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.pspc import patch_posterior_means
-from pspc_jax.denoisers.values import as_argument
+from pspc_jax.denoisers.values import apply_denoiser, as_argument
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import atomic_write, prepare_run_dir, save_npz
 from pspc_jax.images import to_model_range
@@ -221,7 +221,7 @@ class BatchedDenoiser:
 
     def call(z_batch, sigma_batch):
       self.calls += 1
-      return _apply(self.denoise, z_batch, sigma_batch)
+      return apply_denoiser(self.denoise, z_batch, sigma_batch)
     return map_batched(call, [z, sigma], self.batch_size)
 
 
@@ -239,12 +239,6 @@ def registry_maker(data, options: Mapping[str, Mapping] | None = None, mesh=None
   def make(name):
     return build_denoiser(name, data, mesh=mesh, shard_if_possible=True, **options.get(name, {}))
   return make
-
-
-@jax.jit
-def _apply(denoiser, z, sigma):
-  """One denoiser call, compiled with the denoiser (and its training set) as an argument."""
-  return denoiser(z, sigma)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:

@@ -66,11 +66,11 @@ def sigma_per_sample(sigma, batch_size: int):
   return jnp.where((sigma >= 0) & (sigma < jnp.inf), sigma, jnp.nan)
 
 
-def check_query_and_data(z, data, sigma=None) -> None:
+def check_query_and_data(z, data) -> None:
   """Raises ValueError unless z is (B, H, W, C) with finite values (when concrete), data is
-  (N, H, W, C) with N ≥ 1 training images, uint8 or float in [-1, 1] (`validation.check_data`), and a
-  concrete `sigma` (when given) is finite and ≥ 0. B = 0 is allowed: the denoisers then return an
-  empty (0, H, W, C) batch."""
+  (N, H, W, C) with N ≥ 1 training images, uint8 or float in [-1, 1] (`validation.check_data`).
+  B = 0 is allowed: the denoisers then return an empty (0, H, W, C) batch. (σ is checked by
+  `sigma_per_sample`.)"""
   if z.ndim != 4:
     raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
   if data.ndim != 4:
@@ -81,5 +81,3 @@ def check_query_and_data(z, data, sigma=None) -> None:
     raise ValueError(f"z images {z.shape[1:]} and data images {data.shape[1:]} differ in shape")
   validation.check_finite(z, "z")
   validation.check_data(data)
-  if sigma is not None:
-    validation.check_sigma(sigma)

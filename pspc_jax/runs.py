@@ -25,18 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax import attribution, plots, schedules
+from pspc_jax.batching import padded_batches
 from pspc_jax.denoiser_options import build_denoiser
+from pspc_jax.denoisers.values import apply_denoiser
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import prepare_run_dir, save_json, save_npz
 from pspc_jax.images import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.sampling import SOLVERS, latents_from_seeds, sample
-
-
-@jax.jit
-def _apply(denoiser, z, sigma):
-  """One denoiser call, compiled with the denoiser (and its training set) as an argument."""
-  return denoiser(z, sigma)
 
 
 def _load_samples(npz_path: str) -> dict[int, np.ndarray]:
@@ -71,12 +67,10 @@ def _seed_batches(seeds: list[int], batch_size: int, image_shape, clock: _BatchC
   Latents are `latents_from_seeds` of the batch padded with its last seed to `batch_size` rows, so that
   every batch has one compiled shape; callers keep the first len(batch) rows of the outputs.
   """
-  batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-  clock.num_batches = len(batches)
-  for number, batch in enumerate(batches, 1):
+  clock.num_batches = -(-len(seeds) // batch_size)
+  for number, (start, size, padded) in enumerate(padded_batches(np.asarray(seeds), batch_size), 1):
     clock.batch = number
-    padded = batch + [batch[-1]] * (batch_size - len(batch))
-    yield batch, latents_from_seeds(jnp.asarray(padded), image_shape)
+    yield seeds[start:start + size], latents_from_seeds(jnp.asarray(padded), image_shape)
 
 
 def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[int], steps: int,
@@ -181,7 +175,7 @@ def denoise_run(images: np.ndarray, *, denoisers: dict[str, dict], sigma: float,
   errors = {}
   for name, denoise in built.items():
     t = time.perf_counter()
-    out = np.asarray(_apply(denoise, z, sigma))
+    out = np.asarray(apply_denoiser(denoise, z, sigma))
     print(f"{name}: {time.perf_counter() - t:.2f}s", flush=True)
     rows[name] = out
     errors[name] = float(np.mean((out - np.asarray(x)) ** 2))

@@ -166,6 +166,7 @@ def _map_function(denoise: Denoiser, data, *, num_z: int, seed: int, batch_size:
   if data.ndim != 4 or data.shape[0] == 0:
     raise ValueError(f"data must have shape (N, H, W, C) with N >= 1, got {data.shape}")
   batch_size = min(batch_size, num_z)
+  denoise = as_argument(denoise)
 
   @jax.jit
   def batch_sum(den, dataset, sigma, ids, weights):  # denoiser and dataset are arguments, not constants
@@ -179,7 +180,7 @@ def _map_function(denoise: Denoiser, data, *, num_z: int, seed: int, batch_size:
     for start in range(0, num_z, batch_size):
       ids = np.arange(start, start + batch_size)
       weights = (ids < num_z).astype(np.float32)  # the last batch is padded with zero weights.
-      part = np.asarray(batch_sum(as_argument(denoise), data, jnp.float32(sigma), jnp.asarray(np.minimum(ids, num_z - 1)),
+      part = np.asarray(batch_sum(denoise, data, jnp.float32(sigma), jnp.asarray(np.minimum(ids, num_z - 1)),
                                   jnp.asarray(weights)), np.float64)
       total = part if total is None else total + part
     return (total / num_z).astype(np.float32)

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax import schedules
-from pspc_jax.denoisers.values import as_argument
+from pspc_jax.batching import map_batched
 from pspc_jax.denoisers.flex import flex_masks, pspc_flex_denoise
 from pspc_jax.denoisers.pspc import pspc_square_denoise
+from pspc_jax.denoisers.values import apply_denoiser, as_argument
 from pspc_jax.files import (atomic_write, resume_per_sigma, save_json, save_npz,
                             sigma_part_path)
 from pspc_jax.sampling import latents_from_seeds, sample
@@ -123,30 +124,13 @@ def argmin_schedule(sigmas, values: Sequence, mse, metric: str = "log") -> sched
 # Evaluation.
 
 
-def _padded_batches(num: int, batch_size: int):
-  """(start, count) of batches covering range(num) with a fixed batch size."""
-  for start in range(0, num, batch_size):
-    yield start, min(batch_size, num - start)
-
-
-@jax.jit
-def _apply(denoiser, z, sigma):
-  """One denoiser call, compiled with the denoiser (and its training set) as an argument."""
-  return denoiser(z, sigma)
-
-
 def batched_outputs(denoise: Denoiser, z, sigma: float, batch_size: int) -> np.ndarray:
   """`denoise(z, σ)` over (K, H, W, C) inputs in batches of one fixed shape (the last is padded with
   copies of its final row, so one compiled shape serves every batch); float32 NumPy (K, H, W, C)."""
   z = np.asarray(z, np.float32)
   batch_size = max(1, min(int(batch_size), z.shape[0]))
-  outs = []
-  for start, count in _padded_batches(z.shape[0], batch_size):
-    part = z[start:start + count]
-    if count < batch_size:
-      part = np.concatenate([part, np.repeat(part[-1:], batch_size - count, axis=0)])
-    outs.append(np.asarray(denoise(jnp.asarray(part), jnp.float32(sigma)), np.float32)[:count])
-  return np.concatenate(outs)
+  out = map_batched(lambda part: denoise(jnp.asarray(part), jnp.float32(sigma)), [z], batch_size)
+  return np.asarray(out, np.float32)
 
 
 def evaluate_candidates(z, sigma: float, reference_out, candidates: Sequence[Denoiser | None], *,
@@ -222,16 +206,12 @@ def reverse_set(reference: Denoiser, latents, sigmas, *, solver: str = "heun", b
     return path.z, jnp.concatenate([path.denoised, final[None]])
 
   batch_size = max(1, min(int(batch_size), latents.shape[0]))
-  zs, outs = [], []
-  for start, count in _padded_batches(latents.shape[0], batch_size):
-    part = latents[start:start + count]
-    if count < batch_size:
-      part = np.concatenate([part, np.repeat(part[-1:], batch_size - count, axis=0)])
-    z, out = trajectories(as_argument(reference), jnp.asarray(part))
-    zs.append(np.asarray(z)[:, :count])
-    outs.append(np.asarray(out)[:, :count])
+  reference = as_argument(reference)
+  # Trajectories batch-major for `map_batched`, then back to (S, K, ...).
+  z, out = map_batched(lambda part: jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1),
+                                                 trajectories(reference, part)), [latents], batch_size)
   inverse = np.argsort(order)
-  return np.concatenate(zs, axis=1)[inverse], np.concatenate(outs, axis=1)[inverse]
+  return np.swapaxes(z, 0, 1)[inverse], np.swapaxes(out, 0, 1)[inverse]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,7 +452,7 @@ def tune_run(data, reference: Denoiser, sigmas: Sequence[float], *, outdir: str,
   if todo:
     os.makedirs(parts_dir, exist_ok=True)
     data = jnp.asarray(data)
-    reference_jit = functools.partial(_apply, as_argument(reference))
+    reference_jit = functools.partial(apply_denoiser, as_argument(reference))
     reverse = None
     if z_source == "reverse":
       reverse = _reverse_set_cached(os.path.join(parts_dir, "reverse_z.npz"), reference, sigmas,

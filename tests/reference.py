@@ -23,12 +23,14 @@ def make_problem(height, width, channels, num, batch, sigma, seed=0, dtype=np.ui
 
 
 def square_masks(height, width, size):
-  """All size×size windows fully inside the image, as a list of bool (H, W) arrays."""
+  """Every window of patch size s inside the image, by definition, as a list of bool (H, W) arrays:
+  min(s, H) × min(s, W) pixels (s×s squares while s ≤ min(H, W); s ≥ max(H, W) is the whole image)."""
+  rows, cols = min(size, height), min(size, width)
   masks = []
-  for i in range(height - size + 1):
-    for j in range(width - size + 1):
+  for i in range(height - rows + 1):
+    for j in range(width - cols + 1):
       mask = np.zeros((height, width), bool)
-      mask[i:i + size, j:j + size] = True
+      mask[i:i + rows, j:j + cols] = True
       masks.append(mask)
   return masks
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pspc_jax as pj
-from pspc_jax import evaluation
+from pspc_jax.denoisers.values import apply_denoiser
 from pspc_jax.data import load_dataset
 
 LIMIT_BYTES = 1 << 20
@@ -53,5 +53,5 @@ def test_jitted_sampler_compiles_no_dataset_constant(data, name):
 
 def test_evaluation_step_compiles_no_dataset_constant(data):
   denoiser = pj.make_denoiser("pspc_square", data)
-  lowered = evaluation._apply.lower(denoiser, jnp.zeros((4, 8, 8, 1)), jnp.ones((4,)))
+  lowered = apply_denoiser.lower(denoiser, jnp.zeros((4, 8, 8, 1)), jnp.ones((4,)))
   assert largest_constant_bytes(lowered) < LIMIT_BYTES

@@ -7,28 +7,16 @@ import pytest
 import pspc_jax as pj
 from pspc_jax import schedules
 from pspc_jax.denoisers.masks import SquareWindows
-from reference import make_problem, pspc_reference, to_float64
+from reference import make_problem, pspc_reference, square_masks, to_float64
 
 SHAPES = ((6, 10), (10, 6))
-
-
-def _window_masks(height, width, size):
-  """Every min(s, H) × min(s, W) window inside the image, as bool (H, W) masks, by definition."""
-  rows, cols = min(size, height), min(size, width)
-  masks = []
-  for top in range(height - rows + 1):
-    for left in range(width - cols + 1):
-      mask = np.zeros((height, width), bool)
-      mask[top:top + rows, left:left + cols] = True
-      masks.append(mask)
-  return masks
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("size", (1, 8, 13))
 def test_windows_of_a_size_on_a_rectangle(shape, size):
   windows = SquareWindows(*shape, size)
-  expected = _window_masks(*shape, size)
+  expected = square_masks(*shape, size)
   assert windows.window == (min(size, shape[0]), min(size, shape[1]))
   assert np.prod(windows.mask_shape) == len(expected)
   np.testing.assert_array_equal(windows.coverage, np.sum(expected, axis=0))
@@ -45,7 +33,7 @@ def test_pspc_square_on_a_rectangle_matches_the_per_window_loop(shape, size, sig
   """s = 8 on 6×10 images: 6×8 windows (3 of them), against the float64 loop over those masks."""
   z, data = make_problem(*shape, 2, num=30, batch=3, sigma=sigma)
   got = pj.pspc_square_denoise(z, sigma, data, size)
-  expected = pspc_reference(z, sigma, data, _window_masks(*shape, size))
+  expected = pspc_reference(z, sigma, data, square_masks(*shape, size))
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 

@@ -111,12 +111,12 @@ def cfdm_denoise(z: jax.Array, sigma, data: jax.Array, smoothing=DEFAULT_SMOOTHI
       (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a negative
       or non-finite smoothing, or num_noise, noise_seed, chunk_size that are not integers in range.
   """
-  images.check_query_and_data(z, data, sigma)
+  images.check_query_and_data(z, data)
+  sigma = images.sigma_per_sample(sigma, z.shape[0])
   validation.check_non_negative(smoothing, "smoothing")
   if isinstance(smoothing, (int, float)) and smoothing == 0:
     return empirical_denoise(z, sigma, data, chunk_size=chunk_size)
   batch = z.shape[0]
-  sigma = images.sigma_per_sample(sigma, batch)
   noise = cfdm_noise(z.shape[1:], num_noise, noise_seed, antithetic)  # (M, H, W, C)
   num = noise.shape[0]
   spread = (jnp.asarray(smoothing, jnp.float32) * (1.0 + sigma)).reshape(batch, 1, 1, 1, 1)

@@ -156,7 +156,8 @@ def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equiva
       (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a patch
       size that is not an odd integer in range, an unknown boundary, or a bad chunk_size.
   """
-  images.check_query_and_data(z, data, sigma)
+  images.check_query_and_data(z, data)
+  sigma = images.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   batch, height, width, channels = z.shape
   size = _check(patch_size, height, width, boundary, equivariant)
@@ -176,7 +177,7 @@ def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equiva
   x_mode = "wrap" if boundary == "circular" and not equivariant else "constant"
   z_major = jnp.transpose(z.astype(jnp.float32), (1, 2, 3, 0))  # (H, W, C, B)
   z_pad = jnp.pad(z_major, ((radius, radius), (radius, radius), (0, 0), (0, 0)), mode=z_mode)
-  scale = logit_scale(images.sigma_per_sample(sigma, batch)).reshape(1, 1, batch)
+  scale = logit_scale(sigma).reshape(1, 1, batch)
   windows = SquareWindows(padded_h, padded_w, size)
   chunk_size = max(1, min(int(chunk_size or els_chunk_size(batch, padded_h, padded_w)),
                           data.shape[0]))

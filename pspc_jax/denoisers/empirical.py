@@ -55,14 +55,15 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
 
   Raises:
     ValueError: bad shapes, dtypes or concrete values of z, sigma or data
-      (`images.check_query_and_data`), or a chunk_size that is not a positive integer.
+      (`images.check_query_and_data`, `images.sigma_per_sample`), or a chunk_size that is not a positive integer.
   """
-  images.check_query_and_data(z, data, sigma)
+  images.check_query_and_data(z, data)
+  sigma = images.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   if z.shape[0] == 0:
     return jnp.zeros(z.shape, jnp.float32)
   batch = z.shape[0]
-  scale = logit_scale(images.sigma_per_sample(sigma, batch))
+  scale = logit_scale(sigma)
   flat_z = z.astype(jnp.float32).reshape(batch, -1)
   chunk_size = chunk_size or 4 * default_chunk_size(batch, *z.shape[1:3])
   local_valid = shard_valid_rows(data.shape[0], axis_name, valid_rows)

@@ -177,11 +177,10 @@ def gaussian_denoise(z, sigma, stats: GaussianStats) -> jnp.ndarray:
   if z.ndim != 4 or z.shape[1:] != stats.mean.shape:
     raise ValueError(f"z must have shape (B, *{stats.mean.shape}), got {z.shape}")
   validation.check_finite(z, "z")
-  validation.check_sigma(sigma)
+  var = sigma_per_sample(sigma, z.shape[0])[:, None] ** 2
   if z.shape[0] == 0:
     return z
   batch = z.shape[0]
-  var = sigma_per_sample(sigma, batch)[:, None] ** 2
   mean = stats.mean.reshape(-1)
   flat = z.reshape(batch, -1)
   coords = jnp.matmul(flat - mean, stats.eigvecs, precision=_HIGHEST)  # (B, r)

@@ -103,7 +103,8 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
       (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), or
       chunk_size / cache_bytes that are not integers ≥ 1 / ≥ 0.
   """
-  images.check_query_and_data(z, data, sigma)
+  images.check_query_and_data(z, data)
+  sigma = images.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   cache_bytes = validation.positive_int(cache_bytes, "cache_bytes", minimum=0, optional=True)
   if z.shape[0] == 0:
@@ -114,7 +115,7 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
   batch, height, width, channels = z.shape
   pixels = height * width
   num_masks = math.prod(masks.mask_shape)
-  scale = logit_scale(images.sigma_per_sample(sigma, batch))[None, :]  # (1, B) against (masks, B)
+  scale = logit_scale(sigma)[None, :]  # (1, B) against (masks, B)
   z_major = jnp.transpose(z.astype(jnp.float32), (1, 2, 3, 0)).reshape(pixels, channels, batch)
   chunk_size = max(1, min(int(chunk_size or pixel_major_chunk_size(batch, height, width)),
                           data.shape[0]))
@@ -201,10 +202,10 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
 
 def _composite_denoise_generic(z, sigma, data, masks, *, chunk_size=None, axis_name=None,
                                valid_rows=None):
-  """Eq. 11 in the (B, n, H, W) layout for mask objects with only `sums` and `spread`."""
+  """Eq. 11 in the (B, n, H, W) layout for mask objects with only `sums` and `spread`; sigma (B,)."""
   batch, height, width, _ = z.shape
   z = z.astype(jnp.float32)
-  scale = logit_scale(images.sigma_per_sample(sigma, batch))
+  scale = logit_scale(sigma)
   scale = scale.reshape((batch,) + (1,) * len(masks.mask_shape))
   chunk_size = chunk_size or default_chunk_size(batch, height, width)
   local_valid = shard_valid_rows(data.shape[0], axis_name, valid_rows)
@@ -348,7 +349,8 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
   Raises:
     ValueError: as `composite_denoise`, or a patch_size that is not an integer ≥ 1.
   """
-  images.check_query_and_data(z, data, sigma)
+  images.check_query_and_data(z, data)
+  sigma = images.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   batch, height, width, channels = z.shape
   size = validation.positive_int(patch_size, "patch_size")
@@ -358,7 +360,7 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
   if batch == 0:
     return jnp.zeros((0, kh, kw, size_h, size_w, channels), jnp.float32)
   z = z.astype(jnp.float32)
-  scale = logit_scale(images.sigma_per_sample(sigma, batch))  # (B,)
+  scale = logit_scale(sigma)  # (B,)
   # Pixel rows/columns of every window: (Kh, s_h) and (Kw, s_w).
   rows = jnp.arange(kh)[:, None] + jnp.arange(size_h)[None, :]
   cols = jnp.arange(kw)[:, None] + jnp.arange(size_w)[None, :]

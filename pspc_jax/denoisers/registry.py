@@ -55,14 +55,15 @@ def builder(name: str) -> Callable[..., Denoiser]:
   return _BUILDERS[name]
 
 
-def _size_schedule(spec, parse: Callable[[str, int], schedules.SigmaSchedule],
-                   side: int) -> schedules.SigmaSchedule:
+def _size_schedule(spec, parse: Callable[[str, Any], schedules.SigmaSchedule],
+                   shape) -> schedules.SigmaSchedule:
   """A patch-size schedule from a SigmaSchedule, one integer size (int or NumPy integer; not a float
-  or bool), or a spec string for `parse(spec, side)`. ValueError naming `patch_schedule` otherwise."""
+  or bool), or a spec string for `parse(spec, shape)` (`shape`: the image side or (H, W), as `parse`
+  takes it). ValueError naming `patch_schedule` otherwise."""
   if isinstance(spec, str):
-    return parse(spec, side)
+    return parse(spec, shape)
   if not isinstance(spec, schedules.SigmaSchedule):
-    return parse(str(validation.positive_int(spec, "patch_schedule")), side)
+    return parse(str(validation.positive_int(spec, "patch_schedule")), shape)
   for size in spec.values:
     validation.positive_int(size, "patch_schedule")
   return spec

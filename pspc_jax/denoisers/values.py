@@ -44,16 +44,29 @@ class Denoiser(Protocol):
     ...
 
 
+# A denoiser value: a frozen pytree dataclass, hashed by identity (eq=False), so that `jax.jit(denoiser)`
+# works too (a field-wise hash would hash the arrays).
+denoiser_value = functools.partial(struct.dataclass, eq=False)
+
+
 def static(default=None):
   """A static (hashable, compiled-in) field of a denoiser value."""
   return struct.field(pytree_node=False, default=default)
+
+
+def _dispatch_sizes(denoiser, branch, z, sigma):
+  """`branch(denoiser, patch_size, z, sigma)` with each sample's size from `denoiser.patch_schedule`
+  (`schedules.dispatch`: one branch per distinct size, run when a sample of the batch needs it)."""
+  def make_branch(patch_size):
+    return functools.partial(branch, denoiser, int(patch_size))
+  return schedules.dispatch(denoiser.patch_schedule, make_branch)(z, sigma)
 
 
 def _shards(denoiser) -> dict:
   return {"axis_name": denoiser.axis_name, "valid_rows": denoiser.valid_rows}
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class EmpiricalDenoiser:
   """The optimal empirical denoiser (Eq. 6-7; `empirical.empirical_denoise`) over `data`.
 
@@ -70,7 +83,7 @@ class EmpiricalDenoiser:
     return empirical_denoise(z, sigma, self.data, chunk_size=self.chunk_size, **_shards(self))
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class PSPCSquareDenoiser:
   """PSPC-Square (Eq. 11 over all s×s windows), s = `patch_schedule(σ)` per sample.
 
@@ -87,9 +100,7 @@ class PSPCSquareDenoiser:
   valid_rows: int | None = static()
 
   def __call__(self, z, sigma):
-    def branch(patch_size):
-      return functools.partial(_square_branch, self, int(patch_size))
-    return schedules.dispatch(self.patch_schedule, branch)(z, sigma)
+    return _dispatch_sizes(self, _square_branch, z, sigma)
 
 
 def _square_branch(denoiser: PSPCSquareDenoiser, patch_size: int, z, sigma):
@@ -97,7 +108,7 @@ def _square_branch(denoiser: PSPCSquareDenoiser, patch_size: int, z, sigma):
                              **_shards(denoiser))
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class PSPCDenoiser:
   """PSPC over one fixed set of cropping masks (Eq. 11; `pspc.pspc_denoise`).
 
@@ -117,7 +128,7 @@ class PSPCDenoiser:
                              **_shards(self))
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class PSPCFlexDenoiser:
   """PSPC-Flex (Eq. 12): per sample, the masks of the nearest maps σ cut at λ(σ) (`flex.flex_branches`).
 
@@ -175,7 +186,7 @@ def make_flex_denoiser(data, sigmas, maps, thresholds=None, *, metric: str = "lo
                           branches.thresholds, chunk_size)
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class GaussianDenoiser:
   """The Gaussian denoiser μ + Σ(Σ+σ²I)⁻¹(z−μ) (`gaussian.gaussian_denoise`) of a fit `stats`."""
   stats: GaussianStats
@@ -184,7 +195,7 @@ class GaussianDenoiser:
     return gaussian_denoise(z, sigma, self.stats)
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class ELSDenoiser:
   """ELS / LS machine (Kamb & Ganguli; `els.els_denoise`), patch size k = `patch_schedule(σ)`.
 
@@ -200,9 +211,7 @@ class ELSDenoiser:
   chunk_size: int | None = static()
 
   def __call__(self, z, sigma):
-    def branch(patch_size):
-      return functools.partial(_els_branch, self, int(patch_size))
-    return schedules.dispatch(self.patch_schedule, branch)(z, sigma)
+    return _dispatch_sizes(self, _els_branch, z, sigma)
 
 
 def _els_branch(denoiser: ELSDenoiser, patch_size: int, z, sigma):
@@ -210,7 +219,7 @@ def _els_branch(denoiser: ELSDenoiser, patch_size: int, z, sigma):
                      boundary=denoiser.boundary, chunk_size=denoiser.chunk_size)
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class CFDMDenoiser:
   """σ-smoothed closed-form diffusion model (Scarvelis et al.; `cfdm.cfdm_denoise`).
 
@@ -230,7 +239,7 @@ class CFDMDenoiser:
                         noise_seed=self.noise_seed, chunk_size=self.chunk_size)
 
 
-@struct.dataclass(eq=False)  # hashed by identity: `jax.jit(denoiser)` works too
+@denoiser_value
 class NetworkDenoiser:
   """A network F with EDM preconditioning, D = c_skip·z + c_out·F(c_in·z, c_noise)
   (`nets.precond.precond_apply`).
@@ -258,11 +267,11 @@ def is_shardable(denoiser) -> bool:
   return all(hasattr(denoiser, name) for name in ("data", "axis_name", "valid_rows"))
 
 
-def data_leaves_only(denoiser, data_spec, other_spec):
-  """A pytree shaped like `denoiser` with `data_spec` at its training set and `other_spec` elsewhere
-  (e.g. shard_map partition specs)."""
-  specs = jax.tree.map(lambda _: other_spec, denoiser)
-  return specs.replace(data=data_spec)
+@jax.jit
+def apply_denoiser(denoiser, z, sigma):
+  """`denoiser(z, sigma)` compiled with the denoiser (and so its training set) as an argument: one
+  compilation per denoiser structure and input shape, never a dataset constant in the program."""
+  return denoiser(z, sigma)
 
 
 def as_argument(denoiser):
