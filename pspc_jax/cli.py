@@ -13,7 +13,7 @@ from pspc_jax import data as data_lib
 from pspc_jax import distributed
 from pspc_jax.denoisers import cfdm
 from pspc_jax.denoisers.registry import available_denoisers
-from pspc_jax.sampling import SOLVERS
+from pspc_jax.sampling import MAX_SEED, SOLVERS
 
 # Flags defined by the define_* helpers below belong to the calling script, so they show in its --help.
 flags.disclaim_key_flags()
@@ -138,11 +138,13 @@ def load_dataset_from_flags() -> data_lib.Dataset:
   return dataset
 
 
-def parse_seeds(spec: str | None, count: int) -> list[int]:
-  """'0-7,12,20-23' → [0, …, 7, 12, 20, …, 23]; None or '' → range(count)."""
+def parse_seeds(spec: str | None, count: int, *, flag: str = "seeds",
+                count_flag: str = "num_samples") -> list[int]:
+  """'0-7,12,20-23' → [0, …, 7, 12, 20, …, 23]; None or '' → range(count). `flag` and `count_flag`
+  name the two flags in errors (bin/denoise: --indices and --num_images)."""
   if not spec:
     if count < 1:
-      raise ValueError(f"--num_samples must be at least 1, got {count}")
+      raise ValueError(f"--{count_flag} must be at least 1, got {count}")
     return list(range(count))
   seeds = []
   try:
@@ -150,9 +152,9 @@ def parse_seeds(spec: str | None, count: int) -> list[int]:
       low, _, high = part.strip().partition("-")
       seeds.extend(range(int(low), int(high or low) + 1))
   except ValueError:
-    raise ValueError(f"cannot parse --seeds={spec!r}; use e.g. '0-15' or '1,5,9'") from None
-  if not seeds or min(seeds) < 0:
-    raise ValueError(f"--seeds={spec!r} gives no valid (non-negative) seed")
+    raise ValueError(f"cannot parse --{flag}={spec!r}; use e.g. '0-15' or '1,5,9'") from None
+  if not seeds or min(seeds) < 0 or max(seeds) >= MAX_SEED:
+    raise ValueError(f"--{flag}={spec!r} must give values in [0, {MAX_SEED})")
   return seeds
 
 

@@ -96,6 +96,9 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
   """
   if batch_size < 1 or steps < 1:
     raise ValueError("--batch and --steps must be at least 1")
+  if images.shape[0] < 2:
+    raise ValueError(f"sampling needs at least 2 training images (the memorisation summary compares "
+                     f"each sample's nearest and second-nearest), got {images.shape[0]}")
   if solver not in SOLVERS:
     raise ValueError(f"unknown --solver={solver!r}; choose one of {', '.join(SOLVERS)}")
   config = {"denoiser": denoiser, "options": config_options(options),

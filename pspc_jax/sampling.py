@@ -16,10 +16,13 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pspc_jax import validation
 
 SOLVERS = ("euler", "heun")
+# Seeds are held as int32: one past the largest.
+MAX_SEED = 2**31
 
 
 class Trajectory(NamedTuple):
@@ -39,11 +42,20 @@ def seed_keys(seeds) -> jax.Array:
   """One PRNG key per image: `jax.random.fold_in(jax.random.key(0), seed)`.
 
   Args:
-    seeds: (B,) integer seeds (int32 or uint32 range), a list or an array; may be traced.
+    seeds: (B,) integer seeds in [0, 2³¹), a list or an array; may be traced (then unchecked).
 
   Returns:
     (B,) typed PRNG key array.
+
+  Raises:
+    ValueError: not a 1-D integer array, or a concrete seed outside [0, 2³¹) (JAX holds seeds as
+      int32, so 2³² would silently become seed 0 and −1 would share a key with 2³² − 1).
   """
+  if validation.is_concrete(seeds):
+    values = np.asarray(seeds)
+    if values.dtype.kind in "iu" and values.size and (values.min() < 0 or values.max() >= MAX_SEED):
+      raise ValueError(f"seeds must lie in [0, {MAX_SEED}), got {int(values.min())} … "
+                       f"{int(values.max())}")
   seeds = jnp.asarray(seeds)
   if seeds.ndim != 1 or not jnp.issubdtype(seeds.dtype, jnp.integer):
     raise ValueError(f"seeds must be a 1-D integer array, got {seeds.dtype}{list(seeds.shape)}")

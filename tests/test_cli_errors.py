@@ -167,6 +167,33 @@ def test_sample_validates_options_before_writing_anything(tmp_path, make_options
   assert not out.exists()
 
 
+@pytest.mark.parametrize("tool, args, fragment", [
+    # Before: "cannot parse --seeds" and "--num_samples must be at least 1" for bin/denoise's flags.
+    ("denoise", ["--indices=abc"], "cannot parse --indices='abc'"),
+    ("denoise", ["--num_images=0"], "--num_images must be at least 1"),
+    # Before: exit 0 and an output folder with no denoiser in it.
+    ("denoise", ["--denoisers="], "--denoisers is empty"),
+    # Before: sampled, then failed on the second-nearest neighbour, leaving config.json and samples.
+    ("sample", ["--max_images=1", "--steps=2", "--seeds=0"], "at least 2 training images"),
+    # Before: seed 2³² silently sampled seed 0.
+    ("sample", ["--seeds=4294967296", "--steps=2"], "must give values in [0, 2147483648)"),
+])
+def test_flag_errors_name_the_flag_and_write_nothing(tmp_path, tool, args, fragment):
+  out = tmp_path / "out"
+  status, lines = run_in_process(tool, *args, f"--outdir={out}")
+  assert_one_line_error(status, lines, fragment)
+  assert not out.exists()
+
+
+def test_api_seeds_outside_the_int32_range_raise():
+  import pspc_jax as pj
+
+  for seeds in ([2**32], [-1], [2**31]):
+    with pytest.raises(ValueError, match=r"seeds must lie in \[0, 2147483648\)"):
+      pj.latents_from_seeds(seeds, (2, 2, 1))
+  assert pj.latents_from_seeds([2**31 - 1], (2, 2, 1)).shape == (1, 2, 2, 1)
+
+
 @pytest.mark.parametrize("bad_value, fragment", [(np.nan, "NaN"), (3.0, "must be in [-1, 1]")])
 def test_sample_refuses_datasets_with_nan_or_out_of_range_floats(tmp_path, bad_value, fragment):
   images = np.full((4, 8, 8, 1), 0.5, np.float32)

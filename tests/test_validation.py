@@ -172,6 +172,18 @@ def test_bad_data_raises_when_a_registry_denoiser_is_built(name):
       pj.build_denoiser(name, data, **OPTIONS.get(name, {}))
 
 
+@pytest.mark.parametrize("name", registry.available_denoisers())
+def test_registry_refuses_misshapen_data_and_unknown_options(name):
+  """Before: 3-D or empty data was accepted until the first call, and an unknown option raised a
+  TypeError from the builder."""
+  good = digits()
+  for data in (good[0], good[:0]):
+    with pytest.raises(ValueError, match=r"data must have shape \(N, H, W, C\) with N >= 1"):
+      pj.make_denoiser(name, data)
+  with pytest.raises(ValueError, match=f"the {name} denoiser takes no option 'bogus'; its options are"):
+    pj.make_denoiser(name, good, bogus=1)
+
+
 def test_bad_data_raises_with_a_mesh_and_traced_data_is_not_scanned():
   with pytest.raises(ValueError, match=r"got float32 in \[0, 255\]"):
     pj.build_denoiser("empirical", digits().astype(np.float32), mesh=pj.make_mesh())

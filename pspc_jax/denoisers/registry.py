@@ -10,7 +10,10 @@ names with `@register("name")`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
+
+import numpy as np
 
 from pspc_jax import schedules, validation
 from pspc_jax.denoisers import values
@@ -41,9 +44,19 @@ def make_denoiser(name: str, data, **options) -> Denoiser:
   dataset over devices, wrap the result: `pspc_jax.distributed.shard(make_denoiser(...), mesh)`.
 
   Raises:
-    ValueError: unknown name (the message lists the known ones), bad data or bad options.
+    ValueError: unknown name (the message lists the known ones), data that is not (N, H, W, C) with
+      N ≥ 1 training images of a valid dtype and range, an option the denoiser does not take (the
+      message lists those it takes), or a bad option value.
   """
   build = builder(name)
+  taken = [p for p in inspect.signature(build).parameters if p != "data"]
+  unknown = sorted(set(options) - set(taken))
+  if unknown:
+    raise ValueError(f"the {name} denoiser takes no option {', '.join(map(repr, unknown))}; its "
+                     f"options are {', '.join(taken) or 'none'}")
+  if np.ndim(data) != 4 or np.shape(data)[0] == 0:
+    raise ValueError(f"data must have shape (N, H, W, C) with N >= 1 training images, got "
+                     f"{np.shape(data)}")
   validation.check_data(data)
   return build(data, **options)
 
