@@ -64,7 +64,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pspc_jax import images
+from pspc_jax import images, validation
 from pspc_jax.denoisers.values import denoiser_value, is_shardable
 
 DATA_AXIS = "data"
@@ -106,6 +106,8 @@ def make_mesh(data_devices: int | None = None, batch_devices: int | None = None,
   """
   devices = list(jax.devices() if devices is None else devices)
   count = len(devices)
+  data_devices = validation.positive_int(data_devices, "data_devices", optional=True)
+  batch_devices = validation.positive_int(batch_devices, "batch_devices", optional=True)
   if data_devices is None and batch_devices is None:
     data_devices, batch_devices = count, 1
   elif data_devices is None:

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from pspc_jax import validation
+
 
 def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                rho: float = 7.0) -> jnp.ndarray:
@@ -29,8 +31,7 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
   Returns:
     float32 array of shape (num_steps + 1,), strictly decreasing, ending in 0.
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  num_steps = validation.positive_int(num_steps, "num_steps")
   if not 0.0 < sigma_min < sigma_max:
     raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
                      f"sigma_max={sigma_max}")

@@ -75,7 +75,7 @@ def latents_from_seeds(seeds, shape) -> jnp.ndarray:
   Returns:
     float32 array of shape (B, H, W, C); entry k depends only on seeds[k].
   """
-  shape = tuple(shape)
+  shape = tuple(validation.positive_int(side, "shape") for side in shape)
   return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(seed_keys(seeds))
 
 

@@ -346,3 +346,16 @@ def test_empty_batch_in_public_functions_and_the_sharded_path():
   samples, path = pj.sample(registry_denoiser("empirical"), empty, pj.edm_sigmas(3),
                             return_trajectory=True)
   assert samples.shape == (0, 8, 8, 1) and path.z.shape == (4, 0, 8, 8, 1)
+
+
+def test_grid_mesh_and_latent_sizes_raise_value_errors():
+  """Before: ZeroDivisionError (make_mesh), an MLIR error (a negative latent side), TypeError and
+  NaN-length errors (edm_sigmas), and a 2.5-step grid accepted."""
+  for kwargs, name in (({"data_devices": 0}, "data_devices"), ({"batch_devices": 0}, "batch_devices")):
+    with pytest.raises(ValueError, match=name):
+      pj.make_mesh(**kwargs)
+  with pytest.raises(ValueError, match="shape must be an integer >= 1"):
+    pj.latents_from_seeds([0], (8, -8, 1))
+  for steps in ("abc", float("nan"), 2.5, 0):
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+      pj.edm_sigmas(steps)
