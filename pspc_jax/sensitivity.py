@@ -42,7 +42,7 @@ from pspc_jax.denoisers.values import as_argument
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import (resume_per_sigma, save_json, save_npz,
                             sigma_part_path)
-from pspc_jax.images import to_model_range
+from pspc_jax.forward_process import forward_samples
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 DEFAULT_FRACTIONS = (0.5, 0.75, 0.95)
@@ -119,36 +119,6 @@ def _chunk_size(chunk_size: int | None, shape) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # Forward-process samples and expectations.
-
-
-def forward_samples(data, sigma, sample_ids, seed: int = 0) -> jnp.ndarray:
-  """Forward-process z_k = x_{i_k} + σ·ε_k for sample ids k, reproducibly.
-
-  key_k = fold_in(key(seed), k) is split in two: the first draws the training image index i_k
-  uniformly from [0, N), the second ε_k ~ N(0, I). So z_k depends only on (seed, k, σ) and, for a fixed
-  (seed, k), the same x and ε are used at every σ.
-
-  Args:
-    data: (N, H, W, C) training images, uint8 or float in [-1, 1].
-    sigma: noise level, a scalar or (K,).
-    sample_ids: (K,) integer sample ids k.
-    seed: base seed.
-
-  Returns:
-    float32 (K, H, W, C).
-  """
-  data = jnp.asarray(data)
-  sample_ids = jnp.asarray(sample_ids)
-  base = jax.random.key(seed)
-
-  def one(k):
-    key_index, key_noise = jax.random.split(jax.random.fold_in(base, k))
-    index = jax.random.randint(key_index, (), 0, data.shape[0])
-    return index, jax.random.normal(key_noise, data.shape[1:], jnp.float32)
-
-  index, noise = jax.vmap(one)(sample_ids)
-  sigma = jnp.asarray(sigma, jnp.float32).reshape(-1, *([1] * (data.ndim - 1)))
-  return to_model_range(data[index]) + sigma * noise
 
 
 def _check_counts(num_z: int, batch_size: int) -> None:

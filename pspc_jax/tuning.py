@@ -9,7 +9,7 @@ candidate value v (a PSPC-Square patch size, or a PSPC-Flex mass threshold λ) t
 over K evaluation inputs z_k at σ, either
 
 * forward-process z: z_k = x_{i_k} + σ·ε_k with x from the training set (`forward_set`: the same
-  x and ε at every σ, `sensitivity.forward_samples`), or
+  x and ε at every σ, `forward_process.forward_samples`), or
 * reverse-process z: the states at σ of the reference denoiser's own Heun PF-ODE trajectories from
   seeded latents (`reverse_set`). The sampler runs on the tuning grid itself (largest σ first, no
   final step to 0), so every state lies exactly at a grid σ; with the default grid, the 18-step EDM
@@ -46,6 +46,7 @@ from pspc_jax.denoisers.pspc import pspc_square_denoise
 from pspc_jax.denoisers.values import apply_denoiser, as_argument
 from pspc_jax.files import (atomic_write, resume_per_sigma, save_json, save_npz,
                             sigma_part_path)
+from pspc_jax.forward_process import forward_samples
 from pspc_jax.sampling import latents_from_seeds, sample
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -161,10 +162,8 @@ def evaluate_candidates(z, sigma: float, reference_out, candidates: Sequence[Den
 
 
 def forward_set(data, sigma: float, num_z: int, seed: int = 0) -> np.ndarray:
-  """Forward-process z_k = x_{i_k} + σ·ε_k, k = 0 … num_z − 1 (`sensitivity.forward_samples`: the
+  """Forward-process z_k = x_{i_k} + σ·ε_k, k = 0 … num_z − 1 (`forward_process.forward_samples`: the
   same training image and ε for a given k at every σ); float32 NumPy (K, H, W, C)."""
-  from pspc_jax.sensitivity import forward_samples  # the sensitivity module is heavier to import
-
   if num_z < 1:
     raise ValueError(f"num_z must be at least 1, got {num_z}")
   return np.asarray(forward_samples(jnp.asarray(data), float(sigma), jnp.arange(num_z), seed))

@@ -12,6 +12,7 @@ import pytest
 
 from pspc_jax import empirical_denoise, gaussian_denoise, gaussian_stats
 from pspc_jax import sensitivity as sens
+from pspc_jax.forward_process import forward_samples
 from pspc_jax.sensitivity import SensitivityMaps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def test_nonlinear_denoiser_matches_jacfwd_expectation(kind, shape):
   else:
     denoise = _tanh_denoiser(shape, seed=3)
 
-  z = sens.forward_samples(data, sigma, jnp.arange(num_z), seed)
+  z = forward_samples(data, sigma, jnp.arange(num_z), seed)
   one = lambda v: denoise(v[None], sigma)[0]  # noqa: E731
   jacobian = jax.jit(jax.jacfwd(one))
   jacs = [np.asarray(jacobian(zk)).reshape(z[0].size, z[0].size) for zk in z]
@@ -96,7 +97,7 @@ def test_nonlinear_denoiser_matches_jacfwd_expectation(kind, shape):
 
 def test_forward_samples_are_reproducible_and_batch_independent():
   data = _data(9, (4, 4, 1))
-  forward = jax.jit(sens.forward_samples)
+  forward = jax.jit(forward_samples)
   a = forward(data, 0.5, jnp.arange(6), 4)
   b = forward(data, 0.5, jnp.arange(3, 6), 4)
   np.testing.assert_array_equal(a[3:], b)
