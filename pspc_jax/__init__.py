@@ -14,12 +14,16 @@ Public API (all array functions are pure and `jax.jit`-compatible):
   make_denoiser, register, available_denoisers  denoiser values by name
   build_denoiser                                the same from file options (heatmaps, checkpoint), sharded
   make_mesh, shard, shard_dataset               a denoiser's dataset sharded over devices/hosts (shard_map)
-  sensitivity_maps, SensitivityMaps, ...        gradient sensitivity maps (Eq. 8), files, Fig. 3 sides
+  sensitivity_maps, SensitivityMaps, ...        gradient sensitivity maps (Eq. 8), Fig. 3 sides
+  load_maps, save_maps                          sensitivity-maps files (pspc_jax.maps_files)
   make_network, edm_denoiser                    Flax DDPM++/NCSN++/DiT and their EDM-preconditioned D(z, σ)
   attribute, pixel_attribution, contributor_counts  attribution of samples to training images
-  tune_run, argmin_schedule, ErrorSurface       schedule tuning: s(σ), λ(σ) of least MSE to a reference
-  evaluate_run, compare_run, patch_posterior_means  denoiser-vs-denoiser MSE by σ (Fig. 2/4/6), sample
-                                                comparisons, memorisation (pspc_jax.evaluation)
+  argmin_schedule, ErrorSurface                 schedule tuning: s(σ), λ(σ) of least MSE to a reference
+                                                (the resumable job: pspc_jax.jobs.tune.tune_run)
+  patch_posterior_means                         per-window posterior means (patch analysis, Fig. 4)
+  similarity_matrix, memorisation_stats, ...    sample comparisons, memorisation (pspc_jax.evaluation)
+                                                (the resumable jobs: pspc_jax.jobs.evaluate.evaluate_run,
+                                                MSE by σ, Fig. 2/4/6; pspc_jax.jobs.compare.compare_run)
 
 Checkpoints (`pspc_jax.checkpoints.load_network`), training (`pspc_jax.training`) and weight import
 (`pspc_jax.convert`) import orbax/optax and are left to their modules.
@@ -40,16 +44,16 @@ from pspc_jax.denoisers.values import (CFDMDenoiser, Denoiser, ELSDenoiser, Empi
                                       PSPCFlexDenoiser, PSPCSquareDenoiser, make_flex_denoiser)
 from pspc_jax.distributed import ShardedDenoiser, make_mesh, shard, shard_dataset
 from pspc_jax.edm import edm_preconditioning, edm_sigmas
-from pspc_jax.evaluation import (compare_run, evaluate_run, memorisation_stats, register_descriptor,
-                                 similarity_matrix)
+from pspc_jax.evaluation import memorisation_stats, register_descriptor, similarity_matrix
+from pspc_jax.maps_files import load_maps, save_maps
 from pspc_jax.nets import make_network
 from pspc_jax.nets.precond import edm_denoiser
 from pspc_jax.sampling import Trajectory, latents_from_seeds, sample, seed_keys
 from pspc_jax.schedules import (SigmaSchedule, cifar10_flex_schedule, cifar10_patch_schedule,
                                 on_edm_grid, parse_patch_schedule, parse_threshold_schedule,
                                 patch_schedule_for)
-from pspc_jax.sensitivity import (load_maps, maps_for_sigma, save_maps,
-                                  sensitivity_map, sensitivity_maps, square_capture_sides)
-from pspc_jax.tuning import ErrorSurface, argmin_schedule, tune_run
+from pspc_jax.sensitivity import (maps_for_sigma, sensitivity_map, sensitivity_maps,
+                                  square_capture_sides)
+from pspc_jax.tuning import ErrorSurface, argmin_schedule
 
 __version__ = "0.1.0"

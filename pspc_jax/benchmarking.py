@@ -1,33 +1,33 @@
-"""Timing and memory benchmarks of the denoisers (library behind `bin/benchmark`; not a test).
+"""Measuring instruments of `bin/benchmark` (the job itself is `pspc_jax.jobs.benchmark`).
 
-What is measured, per case (denoiser, patch size s, σ):
+What each instrument measures:
 
-* time per call: the function is jitted and compiled first (compile time reported separately), called
-  once more as a warm-up, then `repeats` times with `block_until_ready`; the minimum is reported (the
-  machine may be shared, and the minimum is the least disturbed run).
-* ratio to empirical: time / time of `empirical_denoise` on the same data and batch.
-* PSPC-Flex cases (`pspc_flex`): one case per threshold λ and mask path ("gather": padded index lists,
-  the default; "matmul": the dense 0/1 mask matrix), on synthetic sensitivity maps: a Gaussian bump of
-  width `flex_radius` pixels centred on each output pixel (`gaussian_bump_maps`), so that masks have a
-  realistic size (about 17 pixels at λ = 0.5 and radius 2, more at the borders). The note gives the
-  largest and mean mask size and, for the matmul path, max |matmul − gather|.
-* speed-up vs loop: time of the plain per-window reference / time of the case (`loop_reference`).
-  The reference is the official code's algorithm: a Python loop over the window positions that crops
-  the whole dataset for that window and runs the exact softmax on the crops (`empirical_denoise` on the
-  cropped images), jitted once for all positions (offsets are traced) and accumulated per pixel. When
-  the whole loop would take longer than `loop_budget_s`, an evenly spread subset of positions is timed
-  and the total is extrapolated (said in the table's note).
-* peak memory: each case runs in a fresh Python subprocess, which loads the dataset, resets its peak
-  resident set size (Linux /proc/self/clear_refs) and reports VmHWM after compiling and calling the
-  case once: the peak of the call, including the resident dataset. Where the reset is not permitted the
-  peak since process start (`resource.getrusage`) is reported instead, and the note says so.
+* time per call (`compile_timed`, `time_compiled`): the function is jitted and compiled first as a
+  visible "compiling …" phase (compile time reported separately), called once more as a warm-up, then
+  `repeats` times with `block_until_ready`; the minimum is reported (the machine may be shared, and the
+  minimum is the least disturbed run).
+* compiled scratch (`compiled_scratch_mb`): XLA's planned temporary buffer size of the compiled program
+  (`memory_analysis().temp_size_in_bytes`), the working memory a call needs beyond its inputs and
+  output; on an accelerator this is device memory.
+* peak memory (`run_worker` + `reset_peak_rss` / `peak_rss_mb`): each case runs in a fresh Python
+  subprocess, which loads the dataset, resets its peak resident set size (Linux /proc/self/clear_refs)
+  and reports VmHWM after compiling and calling the case once: the peak of the call, including the
+  resident dataset. Where the reset is not permitted the peak since process start
+  (`resource.getrusage`) is reported instead, and the note says so. On an accelerator the worker also
+  reports the device's `peak_bytes_in_use` (`device_peak_mb`): the dataset, the queries and the call.
+* speed-up vs loop (`time_loop_reference`): the plain per-window reference is the official code's
+  algorithm: a Python loop over the window positions that crops the whole dataset for that window and
+  runs the exact softmax on the crops (`empirical_denoise` on the cropped images), jitted once for all
+  positions (offsets are traced) and accumulated per pixel. When the whole loop would take longer than
+  a budget, an evenly spread subset of positions is timed and the total is extrapolated (said in the
+  note).
+* chunk size (`auto_chunk_size`): rows of the training set streamed per step of the denoisers; `auto`
+  keeps each denoiser's own CPU default, and on an accelerator derives the rows from its memory limit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -41,139 +41,126 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pspc_jax import progress as progress_lib
 from pspc_jax import schedules
 from pspc_jax.denoisers.empirical import empirical_denoise
-from pspc_jax.denoisers.flex import flex_masks, pspc_flex_denoise
+from pspc_jax.denoisers.flex import SensitivityMaps, flex_masks
 from pspc_jax.denoisers.masks import SquareWindows
-from pspc_jax.denoisers.pspc import pspc_square_denoise
 
-DENOISERS = ("empirical", "pspc_square", "pspc_flex")
-DEFAULT_DENOISERS = ("empirical", "pspc_square")
-DEFAULT_PATCH_SIZES = (3, 7, 15, 23)
-DEFAULT_FLEX_THRESHOLDS = (0.3, 0.5, 0.7)
-FLEX_METHODS = ("gather", "matmul")
+# The training-set dtypes a benchmark can use: the uint8 images, or the same images as float32 in
+# [-1, 1] (x / 127.5 − 1).
+DATA_DTYPES = ("uint8", "float32")
 
-
-@dataclasses.dataclass(frozen=True)
-class BenchmarkConfig:
-  """What to benchmark.
-
-  Attributes:
-    dataset: a `pspc_jax.data.load_dataset` source, or "synthetic" (uniform random uint8 images of
-      shape `synthetic_shape`, seeded).
-    num_images: images taken from the source (before flips); None keeps all.
-    flip: add horizontal mirrors (doubles N).
-    batch: queries per call (B).
-    patch_sizes: PSPC-Square patch sizes s.
-    sigma: one σ for every case, or None for the CIFAR-10 schedule's σ of each s (`schedule_sigma`).
-    repeats: timed calls per case (the minimum is reported).
-    denoisers: subset of DENOISERS to time (default DEFAULT_DENOISERS).
-    loop_reference: also time the per-window loop reference of pspc_square for every s.
-    loop_budget_s: time the whole loop only when its estimate is under this; else a subset.
-    loop_subset: number of positions timed when the loop is extrapolated.
-    memory: measure each case's peak RSS in a fresh subprocess.
-    timing: time the cases in this process (False: memory only).
-    seed: seed of the queries (z = x + σ·ε around training images) and of synthetic data.
-    synthetic_shape: (H, W, C) of synthetic images.
-    cache_dir: passed to `load_dataset`.
-    flex_thresholds: PSPC-Flex thresholds λ, one case per λ and method.
-    flex_methods: PSPC-Flex mask paths timed, from FLEX_METHODS.
-    flex_radius: width (pixels) of the synthetic Gaussian-bump sensitivity maps.
-  """
-  dataset: str = "synthetic"
-  num_images: int | None = None
-  flip: bool = False
-  batch: int = 16
-  patch_sizes: tuple[int, ...] = DEFAULT_PATCH_SIZES
-  sigma: float | None = None
-  repeats: int = 3
-  denoisers: tuple[str, ...] = DEFAULT_DENOISERS
-  loop_reference: bool = False
-  loop_budget_s: float = 180.0
-  loop_subset: int = 24
-  memory: bool = False
-  timing: bool = True
-  seed: int = 0
-  synthetic_shape: tuple[int, int, int] = (32, 32, 3)
-  cache_dir: str | None = None
-  flex_thresholds: tuple[float, ...] = DEFAULT_FLEX_THRESHOLDS
-  flex_methods: tuple[str, ...] = FLEX_METHODS
-  flex_radius: float = 2.0
-
-
-@dataclasses.dataclass
-class CaseResult:
-  """One row of the table. Times in seconds, memory in MB (10^6 bytes); None when not measured."""
-  denoiser: str
-  patch_size: int | None
-  sigma: float
-  seconds: float | None = None
-  compile_seconds: float | None = None
-  all_seconds: list[float] = dataclasses.field(default_factory=list)
-  ratio_to_empirical: float | None = None
-  speedup_vs_loop: float | None = None
-  loop_seconds: float | None = None
-  loop_compile_seconds: float | None = None
-  loop_max_abs_diff: float | None = None
-  peak_rss_mb: float | None = None
-  note: str = ""
-  threshold: float | None = None
-  method: str | None = None
-
-
-@dataclasses.dataclass
-class BenchmarkResult:
-  config: dict
-  machine: dict
-  dataset: dict
-  cases: list[CaseResult]
-
-  def to_dict(self) -> dict:
-    return {"config": self.config, "machine": self.machine, "dataset": self.dataset,
-            "cases": [dataclasses.asdict(c) for c in self.cases]}
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=1)
+# `auto_chunk_size` on an accelerator: the share of the device's memory limit (`bytes_limit`) one
+# chunk's intermediates may take, and how many float32 (B, n, H, W, C)-sized intermediates of a chunk
+# of n rows are assumed live at once. The rows are then rounded down to a power of two.
+AUTO_CHUNK_MEMORY_FRACTION = 1 / 8
+AUTO_CHUNK_LIVE_COPIES = 4
 
 
 def machine_info() -> dict:
-  """CPU model, core counts, memory, Python/JAX versions and the JAX device."""
-  model = platform.processor() or platform.machine()
+  """The machine and the JAX runtime a benchmark ran on.
+
+  Returns:
+    {"cpu": model name, "cores", "usable_cores", "memory_mb": host memory (10^6 bytes), "python",
+    "jax", "jaxlib", "platform": JAX's default backend ("cpu", "gpu", "tpu"), "device": platform and
+    kind of device 0, "device_kind", "device_count", "gpu": the device kind on an accelerator (None on
+    CPU), "device_memory_mb": device 0's memory limit (None when not reported), "load_average"}.
+  """
+  device = jax.devices()[0]
+  limit = _device_bytes_limit(device)
+  return {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": _usable_cores(),
+          "memory_mb": _host_memory_mb(), "python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": _jaxlib_version(), "platform": jax.default_backend(),
+          "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+          "device_kind": getattr(device, "device_kind", ""), "device_count": jax.device_count(),
+          "gpu": None if device.platform == "cpu" else getattr(device, "device_kind", None),
+          "device_memory_mb": None if limit is None else limit / 1e6, "load_average": _load_average()}
+
+
+def _cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
+  return platform.processor() or platform.machine()
+
+
+def _usable_cores() -> int | None:
   try:
-    usable = len(os.sched_getaffinity(0))
+    return len(os.sched_getaffinity(0))
   except AttributeError:
-    usable = os.cpu_count()
-  memory_mb = None
+    return os.cpu_count()
+
+
+def _host_memory_mb() -> float | None:
   try:
-    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
   except (ValueError, OSError, AttributeError):
-    pass
-  device = jax.devices()[0]
+    return None
+
+
+def _load_average():
   try:
-    load = os.getloadavg()
+    return os.getloadavg()
   except OSError:
-    load = None
-  return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable, "memory_mb": memory_mb,
-          "python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-          "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-          "load_average": load}
+    return None
 
 
-def _jaxlib_version():
+def _jaxlib_version() -> str | None:
   try:
     import jaxlib
     return jaxlib.__version__
   except (ImportError, AttributeError):
     return None
+
+
+def _device_bytes_limit(device) -> int | None:
+  """The device's allocator limit in bytes (`memory_stats()['bytes_limit']`), or None (CPU)."""
+  try:
+    stats = device.memory_stats()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def as_data_dtype(images: np.ndarray, dtype: str) -> np.ndarray:
+  """The (N, H, W, C) uint8 `images` as a training set of `dtype` ("uint8": as they are; "float32":
+  x / 127.5 − 1, the same images in [-1, 1]). ValueError naming `data_dtypes` for another dtype."""
+  if dtype == "uint8":
+    return images
+  if dtype == "float32":
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  raise ValueError(f"data_dtypes: unknown dtype {dtype!r}; choose from {', '.join(DATA_DTYPES)}")
+
+
+def auto_chunk_size(batch: int, image_shape: Sequence[int], num_images: int,
+                    device=None) -> int | None:
+  """Training-set rows per streamed chunk for `chunk_size=auto`.
+
+  On CPU (or a device that reports no memory limit): None, i.e. each denoiser's own default
+  (`empirical.default_chunk_size`, `pspc.pixel_major_chunk_size`), tuned for CPU caches. On an
+  accelerator: the rows n such that AUTO_CHUNK_LIVE_COPIES float32 intermediates of shape
+  (B, n, H, W, C) fill AUTO_CHUNK_MEMORY_FRACTION of `memory_stats()['bytes_limit']`, rounded down to a
+  power of two and clipped to [8, num_images] (e.g. an H200 limit of ~105 GB, B = 256 and 32×32×3
+  images → 1024 rows).
+
+  Args:
+    batch: queries per call B.
+    image_shape: (H, W, C).
+    num_images: training-set rows N (the upper bound).
+    device: the device (default `jax.devices()[0]`).
+  """
+  device = jax.devices()[0] if device is None else device
+  limit = None if device.platform == "cpu" else _device_bytes_limit(device)
+  if limit is None:
+    return None
+  row_bytes = 4 * batch * int(np.prod(image_shape)) * AUTO_CHUNK_LIVE_COPIES
+  rows = max(1.0, AUTO_CHUNK_MEMORY_FRACTION * limit / row_bytes)
+  return int(max(1, min(num_images, max(8, 2 ** int(np.floor(np.log2(rows)))))))
 
 
 def schedule_sigma(patch_size: int, side: int) -> float:
@@ -206,72 +193,56 @@ def gaussian_bump_maps(height: int, width: int, radius: float) -> np.ndarray:
   return np.exp(-(dh + dw) / (2.0 * radius ** 2)).astype(np.float32)
 
 
+def bump_sensitivity_maps(height: int, width: int, radius: float) -> SensitivityMaps:
+  """`gaussian_bump_maps` as the maps of the `pspc_flex` registry denoiser: one map set (at σ = 1),
+  which every σ then uses."""
+  return SensitivityMaps(np.asarray([1.0]), gaussian_bump_maps(height, width, radius)[None])
+
+
 def flex_mask_sizes(height: int, width: int, radius: float, threshold: float) -> tuple[int, float]:
   """(largest, mean) PSPC-Flex mask size in pixels for `gaussian_bump_maps`."""
   sizes = np.asarray(flex_masks(gaussian_bump_maps(height, width, radius), threshold)).sum(axis=(1, 2))
   return int(sizes.max()), float(sizes.mean())
 
 
-def load_images(config: BenchmarkConfig) -> tuple[np.ndarray, str]:
-  """uint8 (N, H, W, C) images and a name, as the config asks."""
-  if config.dataset == "synthetic":
-    num = config.num_images or 1024
-    rng = np.random.default_rng(config.seed)
-    images = rng.integers(0, 256, (num,) + tuple(config.synthetic_shape), dtype=np.uint8)
-    if config.flip:
-      images = np.concatenate([images, images[:, :, ::-1]])
-    return images, "synthetic" + ("+flip" if config.flip else "")
-  from pspc_jax import data as data_lib  # pure I/O; imported only when needed
-  dataset = data_lib.load_dataset(config.dataset, flip=config.flip, max_images=config.num_images,
-                                  cache_dir=config.cache_dir)
-  return dataset.images, dataset.name
-
-
 def make_queries(images: np.ndarray, batch: int, sigma: float, seed: int) -> jax.Array:
-  """z = x + σ·ε around `batch` training images drawn with `seed` (float32, model range)."""
+  """z = x + σ·ε around `batch` uint8 training images drawn with `seed`: (B, H, W, C) float32."""
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, images.shape[0], batch)
   x = images[idx].astype(np.float64) / 127.5 - 1.0
   return jnp.asarray((x + sigma * rng.standard_normal(x.shape)).astype(np.float32))
 
 
-def case_function(denoiser: str, patch_size: int | None, *, threshold: float | None = None,
-                  method: str | None = None, radius: float = 2.0) -> Callable:
-  """jitted `f(z, sigma, data)` for a case.
-
-  The dataset is an argument, not a closed-over constant: a captured array is embedded in the program
-  as a literal, and XLA then spends seconds per 100 MB folding it at compile time. (PSPC-Flex masks are
-  computed once at trace time from `gaussian_bump_maps`; only their small index lists or the 0/1 matrix
-  become constants.)
-  """
-  if denoiser == "empirical":
-    return jax.jit(lambda z, sigma, data: empirical_denoise(z, sigma, data))
-  if denoiser == "pspc_square":
-    return jax.jit(lambda z, sigma, data: pspc_square_denoise(z, sigma, data, int(patch_size)))
-  if denoiser == "pspc_flex":
-    def flex(z, sigma, data):
-      maps = gaussian_bump_maps(z.shape[1], z.shape[2], radius)
-      return pspc_flex_denoise(z, sigma, data, maps, float(threshold), method=method or "gather")
-    return jax.jit(flex)
-  raise ValueError(f"unknown benchmark denoiser {denoiser!r}; choose from {', '.join(DENOISERS)}")
-
-
-def time_function(fn: Callable, *args, repeats: int = 3) -> tuple[float, float, list[float]]:
-  """(minimum seconds per call, compile seconds, all timed calls) of a jitted `fn(*args)`.
-
-  Compiles ahead of time (`lower(...).compile()`), makes one untimed warm-up call, then times
-  `repeats` calls, each until `block_until_ready`.
-  """
+def compile_timed(progress: progress_lib.Progress, label: str, jitted: Callable, *args
+                  ) -> tuple[Callable, float]:
+  """(compiled executable, compile seconds) of a jitted function for `args`, compiled as the visible
+  phase "compiling <label>" (`progress.compile_jitted`)."""
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  compile_seconds = time.perf_counter() - start
+  compiled = progress_lib.compile_jitted(progress, label, jitted, *args)
+  return compiled, time.perf_counter() - start
+
+
+def time_compiled(compiled: Callable, *args, repeats: int = 3) -> tuple[float, list[float]]:
+  """(minimum seconds per call, all timed calls) of `compiled(*args)`: one untimed warm-up call, then
+  `repeats` (at least 1) calls, each until `block_until_ready`."""
   jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(max(1, repeats)):
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  return min(times), compile_seconds, times
+  return min(times), times
+
+
+def compiled_scratch_mb(compiled) -> float | None:
+  """XLA's planned temporary buffers of a compiled program in MB (10^6 bytes), or None if the backend
+  does not report them."""
+  try:
+    analysis = compiled.memory_analysis()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  temp = getattr(analysis, "temp_size_in_bytes", None)
+  return None if temp is None else temp / 1e6
 
 
 @jax.jit
@@ -317,15 +288,20 @@ def loop_reference_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int
   return total / jnp.asarray(coverage)[..., None]
 
 
-def time_loop_reference(z, sigma, data, patch_size: int, *, budget_s: float, subset: int
+def time_loop_reference(z, sigma, data, patch_size: int, *, budget_s: float, subset: int,
+                        progress: progress_lib.Progress = progress_lib.SILENT
                         ) -> tuple[float, float, str, jax.Array | None]:
-  """(estimated seconds for the whole loop, compile seconds, note, output if the whole loop ran)."""
+  """(estimated seconds for the whole loop, compile seconds, note, output if the whole loop ran).
+
+  Compiles the per-window function (a "compiling" phase of `progress`), probes 4 positions, then runs
+  every position if the estimate is within `budget_s` seconds, else `subset` evenly spread positions
+  and extrapolates.
+  """
   height, width = z.shape[1:3]
   every = [(i, j) for i in range(height - patch_size + 1) for j in range(width - patch_size + 1)]
-  window_mean = _window_mean_fn(int(patch_size))
-  start = time.perf_counter()
-  window_mean.lower(z, sigma, data, jnp.int32(0), jnp.int32(0)).compile()
-  compile_seconds = time.perf_counter() - start
+  _, compile_seconds = compile_timed(progress, f"per-window loop s={patch_size}",
+                                     _window_mean_fn(int(patch_size)), z, sigma, data, jnp.int32(0),
+                                     jnp.int32(0))
   # Warm-up (also compiles the accumulation), then a short probe to decide between whole and subset.
   jax.block_until_ready(loop_reference_denoise(z, sigma, data, patch_size, every[:1]))
   probe = every[:: max(1, len(every) // 4)][:4]
@@ -345,119 +321,58 @@ def time_loop_reference(z, sigma, data, patch_size: int, *, budget_s: float, sub
                                     "positions"), None
 
 
-def _case_list(config: BenchmarkConfig, side: int) -> list[CaseResult]:
-  cases = []
-  for denoiser in config.denoisers:
-    if denoiser not in DENOISERS:
-      raise ValueError(f"unknown benchmark denoiser {denoiser!r}; choose from {', '.join(DENOISERS)}")
-  if "empirical" in config.denoisers:
-    sigma = config.sigma if config.sigma is not None else schedule_sigma(side, side)
-    cases.append(CaseResult("empirical", None, float(sigma)))
-  if "pspc_square" in config.denoisers:
-    for size in config.patch_sizes:
-      if not 1 <= size <= side:
-        raise ValueError(f"patch size {size} must be between 1 and the image side {side}")
-      sigma = config.sigma if config.sigma is not None else schedule_sigma(size, side)
-      cases.append(CaseResult("pspc_square", int(size), float(sigma)))
-  if "pspc_flex" in config.denoisers:
-    for method in config.flex_methods:
-      if method not in FLEX_METHODS:
-        raise ValueError(f"unknown PSPC-Flex method {method!r}; choose from {', '.join(FLEX_METHODS)}")
-    for threshold in config.flex_thresholds:
-      if not 0 < threshold <= 1:
-        raise ValueError(f"threshold {threshold} is outside (0, 1]")
-      sigma = config.sigma if config.sigma is not None else flex_schedule_sigma(threshold)
-      for method in config.flex_methods:
-        cases.append(CaseResult("pspc_flex", None, float(sigma), threshold=float(threshold),
-                                method=method))
-  return cases
+def run_worker(module: str, spec: dict) -> dict:
+  """Runs `python -m <module> '<spec as JSON>'` in a fresh process (this repository first on its path)
+  and returns the JSON object printed on its last line of output.
 
-
-def run_benchmark(config: BenchmarkConfig, *, log: Callable[[str], None] | None = None
-                  ) -> BenchmarkResult:
-  """Runs every case of `config`; see the module docstring for what is measured."""
-  log = log or (lambda message: None)
-  images, name = load_images(config)
-  side = min(images.shape[1], images.shape[2])
-  cases = _case_list(config, side)
-  dataset_info = {"name": name, "num_images": int(images.shape[0]),
-                  "image_shape": [int(v) for v in images.shape[1:]], "bytes": int(images.nbytes)}
-  log(f"dataset {name}: {images.shape[0]} images of {tuple(images.shape[1:])}")
-
-  if config.timing:
-    data = jnp.asarray(images)
-    flex_outputs = {}
-    for case in cases:
-      z = make_queries(images, config.batch, case.sigma, config.seed)
-      fn = case_function(case.denoiser, case.patch_size, threshold=case.threshold,
-                         method=case.method, radius=config.flex_radius)
-      case.seconds, case.compile_seconds, case.all_seconds = time_function(
-          fn, z, jnp.float32(case.sigma), data, repeats=config.repeats)
-      log(f"{_label(case)} σ={case.sigma:.4g}: {case.seconds:.4f} s per call "
-          f"(compile {case.compile_seconds:.2f} s)")
-      if case.denoiser == "pspc_flex":
-        largest, mean = flex_mask_sizes(images.shape[1], images.shape[2], config.flex_radius,
-                                        case.threshold)
-        case.note = f"masks ≤ {largest} px (mean {mean:.1f}), bump radius {config.flex_radius:g}"
-        outputs = flex_outputs.setdefault(case.threshold, {})
-        outputs[case.method] = fn(z, jnp.float32(case.sigma), data)
-        if len(outputs) == 2:
-          diff = float(jnp.max(jnp.abs(outputs["matmul"] - outputs["gather"])))
-          case.note += f", max |matmul − gather| = {diff:.1e}"
-        log(f"  {case.note}")
-      if config.loop_reference and case.denoiser == "pspc_square":
-        loop_s, loop_compile, note, loop_out = time_loop_reference(
-            z, jnp.float32(case.sigma), data, case.patch_size, budget_s=config.loop_budget_s,
-            subset=config.loop_subset)
-        case.loop_seconds, case.loop_compile_seconds = loop_s, loop_compile
-        case.speedup_vs_loop = loop_s / case.seconds
-        case.note = f"{note}: {loop_s:.2f} s"
-        if loop_out is not None:
-          fast = fn(z, jnp.float32(case.sigma), data)
-          case.loop_max_abs_diff = float(jnp.max(jnp.abs(fast - loop_out)))
-          case.note += f", max |fast − loop| = {case.loop_max_abs_diff:.1e}"
-        log(f"  {case.note} (compile {loop_compile:.2f} s)")
-    empirical = [c.seconds for c in cases if c.denoiser == "empirical"]
-    if empirical:
-      for case in cases:
-        case.ratio_to_empirical = case.seconds / empirical[0]
-    del data
-
-  if config.memory:
-    for case in cases:
-      peak, note = measure_peak_rss(config, case.denoiser, case.patch_size, case.sigma,
-                                    threshold=case.threshold, method=case.method)
-      case.peak_rss_mb = peak
-      if note:
-        case.note = f"{case.note}; {note}" if case.note else note
-      log(f"{_label(case)}: peak RSS {peak:.0f} MB {note}")
-
-  return BenchmarkResult(config=dataclasses.asdict(config), machine=machine_info(),
-                         dataset=dataset_info, cases=cases)
-
-
-def _label(case: CaseResult) -> str:
-  if case.denoiser == "pspc_flex":
-    return f"pspc_flex λ={case.threshold:g} {case.method}"
-  return f"{case.denoiser} s={case.patch_size}"
-
-
-def measure_peak_rss(config: BenchmarkConfig, denoiser: str, patch_size: int | None, sigma: float, *,
-                     threshold: float | None = None, method: str | None = None
-                     ) -> tuple[float, str]:
-  """Peak RSS (MB) of one compiled call in a fresh subprocess (see the module docstring)."""
-  spec = {"config": dataclasses.asdict(config), "denoiser": denoiser, "patch_size": patch_size,
-          "sigma": sigma, "threshold": threshold, "method": method}
+  Raises:
+    RuntimeError: the worker failed (its last line of standard error in the message).
+  """
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  proc = subprocess.run([sys.executable, "-m", "pspc_jax.benchmarking", json.dumps(spec)],
-                        capture_output=True, text=True, env=env, cwd=repo)
+  proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True,
+                        text=True, env=env, cwd=repo)
   if proc.returncode != 0:
-    raise RuntimeError(f"memory worker failed for {denoiser} s={patch_size}: "
-                       f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-  report = json.loads(proc.stdout.strip().splitlines()[-1])
-  return report["peak_mb"], report["note"]
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
+    raise RuntimeError(f"memory worker {module} failed: {last}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reset_peak_rss() -> str:
+  """Resets this process's VmHWM to its current RSS; returns "" or a note saying it could not."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    return "peak since process start (could not reset VmHWM)"
+  return ""
+
+
+def peak_rss_mb() -> tuple[float, str]:
+  """(peak resident set size in MB, note): VmHWM, else `ru_maxrss` (the note says so)."""
+  peak_kb = _status_kb("VmHWM")
+  if peak_kb is not None:
+    return peak_kb / 1e3, ""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, "ru_maxrss (peak since start)"
+
+
+def resident_mb() -> float:
+  """Current resident set size in MB (0 where /proc is unavailable)."""
+  return (_status_kb("VmRSS") or 0) / 1e3
+
+
+def device_peak_mb(device=None) -> float | None:
+  """The device's `peak_bytes_in_use` since process start in MB, or None (CPU)."""
+  device = jax.devices()[0] if device is None else device
+  if device.platform == "cpu":
+    return None
+  try:
+    stats = device.memory_stats()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  peak = stats.get("peak_bytes_in_use") if stats else None
+  return None if peak is None else peak / 1e6
 
 
 def _status_kb(field: str) -> float | None:
@@ -469,65 +384,3 @@ def _status_kb(field: str) -> float | None:
   except OSError:
     pass
   return None
-
-
-def _memory_worker(spec: dict) -> dict:
-  config = BenchmarkConfig(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in spec["config"].items()})
-  images, _ = load_images(config)
-  data = jnp.asarray(images)
-  del images
-  z = make_queries(np.asarray(data[: max(1, min(4096, data.shape[0]))]), config.batch, spec["sigma"],
-                   config.seed)
-  fn = case_function(spec["denoiser"], spec["patch_size"], threshold=spec.get("threshold"),
-                     method=spec.get("method"), radius=config.flex_radius)
-  resident_mb = (_status_kb("VmRSS") or 0) / 1e3
-  note = ""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")  # resets VmHWM to the current RSS
-  except OSError:
-    note = "peak since process start (could not reset VmHWM)"
-  jax.block_until_ready(fn(z, jnp.float32(spec["sigma"]), data))
-  peak_kb = _status_kb("VmHWM")
-  if peak_kb is None:
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-    note = note or "ru_maxrss (peak since process start)"
-  return {"peak_mb": peak_kb / 1e3, "resident_before_mb": resident_mb, "note": note}
-
-
-def format_table(result: BenchmarkResult) -> str:
-  """The human-readable table (machine, dataset, then one row per case)."""
-  m, d = result.machine, result.dataset
-  lines = [f"machine: {m['cpu']}, {m['usable_cores']}/{m['cores']} cores, "
-           f"{(m['memory_mb'] or 0) / 1e3:.0f} GB, jax {m['jax']} (jaxlib {m['jaxlib']}), "
-           f"device {m['device']}, load average {_fmt_load(m['load_average'])}",
-           f"dataset: {d['name']}, N = {d['num_images']}, images {tuple(d['image_shape'])}, "
-           f"{d['bytes'] / 1e6:.0f} MB; batch B = {result.config['batch']}, "
-           f"repeats = {result.config['repeats']} (minimum reported)"]
-  header = ("denoiser", "s", "sigma", "lambda", "path", "time/call (s)", "compile (s)", "x empirical",
-            "speed-up vs loop", "peak RSS (MB)", "note")
-  rows = []
-  for c in result.cases:
-    rows.append((c.denoiser, "-" if c.patch_size is None else str(c.patch_size), f"{c.sigma:.4g}",
-                 _fmt(c.threshold, "g"), c.method or "-", _fmt(c.seconds, ".4f"),
-                 _fmt(c.compile_seconds, ".2f"), _fmt(c.ratio_to_empirical, ".2f"),
-                 _fmt(c.speedup_vs_loop, ".1f"), _fmt(c.peak_rss_mb, ".0f"), c.note))
-  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-  fmt = "  ".join("{:<%d}" % w for w in widths)
-  lines.append(fmt.format(*header).rstrip())
-  lines.append("  ".join("-" * w for w in widths))
-  lines.extend(fmt.format(*r).rstrip() for r in rows)
-  return "\n".join(lines)
-
-
-def _fmt(value, spec: str) -> str:
-  return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _fmt_load(load) -> str:
-  return "-" if not load else "/".join(f"{v:.2f}" for v in load)
-
-
-if __name__ == "__main__":
-  print(json.dumps(_memory_worker(json.loads(sys.argv[1]))), flush=True)

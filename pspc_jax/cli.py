@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Callable
 
 from absl import app, flags
 
 from pspc_jax import data as data_lib
-from pspc_jax import distributed
+from pspc_jax import distributed, multihost
 from pspc_jax.denoisers import cfdm
 from pspc_jax.denoisers.registry import available_denoisers
+from pspc_jax.progress import SILENT, Progress, TerminalProgress
 from pspc_jax.sampling import MAX_SEED, SOLVERS
 
 # Flags defined by the define_* helpers below belong to the calling script, so they show in its --help.
@@ -97,6 +97,12 @@ def mesh_from_flags(flag_values: flags.FlagValues = flags.FLAGS):
   return distributed.mesh_from_spec(flag_values.devices)
 
 
+def terminal_progress() -> Progress:
+  """A script's progress: `TerminalProgress()` (standard error) on process 0, silent on the other
+  processes of a multi-host run. Call it after `mesh_from_flags` has joined the run."""
+  return TerminalProgress() if multihost.is_main_process() else SILENT
+
+
 def denoiser_options(name: str, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   """The builder options of registry denoiser `name` (`make_denoiser(name, data, **options)`) from the
   flags of `define_denoiser_flags`: e.g. {"patch_schedule": "auto"} for pspc_square, {} for empirical.
@@ -122,7 +128,8 @@ def define_sampler_flags(num_samples: int) -> None:
 
 def sampler_from_flags() -> dict:
   """{"denoiser", "options", "seeds", "steps", "solver"} from the flags of `define_sampler_flags` and
-  `define_denoiser_flags`: the keyword arguments of `runs.sample_run` / `runs.attribute_run`."""
+  `define_denoiser_flags`: the keyword arguments of `jobs.sample.sample_run` /
+  `jobs.attribute.attribute_run`."""
   f = flags.FLAGS
   return {"denoiser": f.denoiser, "options": denoiser_options(f.denoiser),
           "seeds": parse_seeds(f.seeds, f.num_samples), "steps": f.steps, "solver": f.solver}
@@ -207,18 +214,3 @@ def run(main: Callable[[list[str]], None]) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   app.run(guarded(main), flags_parser=parse_flags)
 
-
-class Progress:
-  """Prints 'label k/n …, elapsed, eta' lines for a known number of steps."""
-
-  def __init__(self, total: int, label: str):
-    self.total, self.label = total, label
-    self.start = time.perf_counter()
-    self.done = 0
-
-  def step(self, detail: str = "") -> None:
-    self.done += 1
-    elapsed = time.perf_counter() - self.start
-    eta = elapsed / self.done * (self.total - self.done)
-    print(f"{self.label} {self.done}/{self.total} {detail} elapsed {elapsed:.1f}s eta {eta:.1f}s",
-          flush=True)

@@ -19,7 +19,7 @@ def _read_file_options(options: dict, image_shape) -> dict:
   options = dict(options)
   heatmaps = options.pop("heatmaps", None)
   if heatmaps:
-    from pspc_jax.sensitivity import load_maps
+    from pspc_jax.maps_files import load_maps
 
     options["maps"] = load_maps(heatmaps)
   checkpoint = options.pop("checkpoint", None)
@@ -42,7 +42,7 @@ def build_denoiser(name: str, data, *, mesh=None, shard_if_possible: bool = Fals
     shard_if_possible: with a mesh, leave denoisers that hold no dataset (gaussian, network, ...) on
       one device instead of raising.
     **options: builder options (`registry.make_denoiser`); `heatmaps` (a maps file,
-      `sensitivity.load_maps`) and `checkpoint` (a network checkpoint, `checkpoints.load_network`) are
+      `maps_files.load_maps`) and `checkpoint` (a network checkpoint, `checkpoints.load_network`) are
       read here; None entries are dropped.
 
   Raises:

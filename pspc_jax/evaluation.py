@@ -1,55 +1,37 @@
-"""Batch evaluation of denoisers against each other (paper §4-5, Fig. 2, 4, 6, 8; DESIGN §7).
+"""Denoiser-vs-denoiser evaluation, the pure part (paper §4-5, Fig. 2, 4, 6, 8; DESIGN §7).
 
-Three jobs, each a pure-maths core plus a resumable run that writes an output folder:
+Evaluation sets of noisy images z, metrics, patch posterior means, and the descriptors, similarity and
+memorisation statistics of sample comparisons. The resumable jobs built on them, which write output
+folders, are `pspc_jax.jobs.evaluate.evaluate_run` (bin/evaluate) and
+`pspc_jax.jobs.compare.compare_run` (bin/compare_samples).
 
-* `evaluate_run` (bin/evaluate): for every σ of a grid and every *evaluation set* of noisy images z,
-  every denoiser's output D(z, σ) and the mean squared error between every pair of denoisers
-  (Fig. 2/6), optionally with the patch-level analysis of Fig. 4 (`patch_posterior_means` of every
-  s×s window against the same window of a target denoiser's output).
-    - forward set (`forward_set`): z = x + σ ε with x drawn from the training set; the same x and ε at
-      every σ (common random numbers: curves over σ are not blurred by redrawing);
-    - reverse set (`reverse_set`): the states z(σ) of a reference denoiser's own sampler trajectories
-      (Heun on the EDM grid, from seeded latents), i.e. the inputs that denoiser sees while sampling.
-  Outputs: results.json (the resumption state: finished (σ, set) and all rows), mse.csv / mse.json
-  (tidy rows sigma, set, denoiser_a, denoiser_b, mse, count), patch_mse.csv / .json, mse.png,
-  patch_mse.png, reverse_set.npz. Rows are saved after every finished (σ, set); a rerun of the same
-  configuration skips the finished ones, so an interrupted run loses at most one (σ, set).
-* `compare_run` (bin/compare_samples): samples of several denoisers from shared initial latents, a
-  trajectory figure (Fig. 8: z and D(z) along the sampler, one pair of rows per denoiser), similarity
-  matrices between the denoisers' samples under pluggable descriptors (`register_descriptor`), and
-  memorisation statistics (`memorisation_stats`).
+* forward set (`forward_set`): z = x + σ ε with x drawn from the training set; the same x and ε at
+  every σ (common random numbers: curves over σ are not blurred by redrawing). Drawn through
+  `pspc_jax.forward_process.forward_indices_and_noise`, so z of seed s equals
+  `forward_process.forward_samples(data, σ, arange(count), s)` of bin/tune_schedule and bin/sensitivity.
+* reverse set (`reverse_set`): the states z(σ) of a reference denoiser's own sampler trajectories
+  (Heun on the EDM grid, from seeded latents), i.e. the inputs that denoiser sees while sampling.
 
 MSE is per pixel and channel, in model units ([-1, 1] images), averaged over the z of a set:
 mse(a, b) = mean over z, pixels, channels of (D_a(z) − D_b(z))², computed in float64.
-
-Denoisers are built once each by a `make(name) -> denoise` callable (`registry_maker` over the
-registry; a sharded or otherwise customised construction can be swapped in there) and called through
-`BatchedDenoiser`: one compiled batch shape, the last batch padded, σ passed per sample so one
-compilation serves every σ.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-import os
-import time
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pspc_jax.batching import map_batched
-from pspc_jax.denoiser_options import build_denoiser
+from pspc_jax.batching import map_batched, pad_rows
 from pspc_jax.denoisers.pspc import patch_posterior_means
-from pspc_jax.denoisers.values import apply_denoiser, as_argument
+from pspc_jax.denoisers.values import as_argument
 from pspc_jax.edm import edm_sigmas
-from pspc_jax.files import atomic_write, prepare_run_dir, save_npz
+from pspc_jax.forward_process import forward_indices_and_noise
 from pspc_jax.images import to_model_range
 from pspc_jax.neighbours import nearest_neighbours
+from pspc_jax.progress import SILENT, Progress, compile_jitted
 from pspc_jax.sampling import latents_from_seeds, sample
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -59,20 +41,18 @@ SETS = ("forward", "reverse")
 # the optimal empirical denoiser. On the reverse set it is the reference that made the trajectories
 # (the network in the paper).
 FORWARD_PATCH_TARGET = "empirical"
-
-
-def patch_target(set_name: str, reference: str) -> str:
-  """The denoiser the patch analysis compares with on `set_name`."""
-  return FORWARD_PATCH_TARGET if set_name == "forward" else reference
-# Tags folded into the base key so the forward set's draws never coincide with sampler latents.
-_TAG_FORWARD_INDEX, _TAG_FORWARD_NOISE = 1, 2
 # Memorisation threshold on the nearest / second-nearest training distance ratio (see
 # `memorisation_stats`).
 MEMORISATION_RATIO = 1.0 / 3.0
 
 
+def patch_target(set_name: str, reference: str) -> str:
+  """The denoiser the patch analysis compares with on `set_name`."""
+  return FORWARD_PATCH_TARGET if set_name == "forward" else reference
+
+
 # ----------------------------------------------------------------------------------------------------
-# Noise levels and evaluation sets (pure).
+# Noise levels and evaluation sets.
 
 def default_sigmas(steps: int = 18) -> np.ndarray:
   """The `steps`-step EDM grid without its final 0 (σ = 80 … 0.002, descending), float32."""
@@ -106,12 +86,6 @@ def parse_sigmas(spec: str, steps: int = 18) -> np.ndarray:
   return np.sort(np.unique(sigmas.astype(np.float32)))[::-1]
 
 
-def _image_keys(seed: int, tag: int, count: int) -> jax.Array:
-  """One key per image k: fold_in(fold_in(key(seed), tag), k); image k does not depend on `count`."""
-  base = jax.random.fold_in(jax.random.key(seed), tag)
-  return jax.vmap(lambda k: jax.random.fold_in(base, k))(jnp.arange(count))
-
-
 class ForwardSet(NamedTuple):
   """Forward-process evaluation set: z(σ) = x + σ ε, the same x and ε at every σ.
 
@@ -130,22 +104,27 @@ class ForwardSet(NamedTuple):
 
 
 def forward_set(images: np.ndarray, count: int, seed: int = 0) -> ForwardSet:
-  """Draws the forward set: entry k's image index and noise come from keys of (seed, k) only.
+  """Draws the forward set: z_k(σ) = x_{i_k} + σ ε_k for k = 0 … count − 1.
+
+  The indices i_k and noise ε_k are `forward_process.forward_indices_and_noise(N, (H, W, C),
+  arange(count), seed)`: entry k depends only on (seed, k), not on `count`, and `z(σ)` equals
+  `forward_process.forward_samples(images, σ, arange(count), seed)` up to float32 rounding.
 
   Args:
     images: (N, H, W, C) uint8 or float training set.
-    count: number of z per σ.
+    count: number of z per σ, at least 1.
     seed: base seed.
+
+  Raises:
+    ValueError: count < 1.
   """
   if count < 1:
-    raise ValueError(f"need at least one z per σ, got {count}")
-  index_keys = _image_keys(seed, _TAG_FORWARD_INDEX, count)
-  indices = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, images.shape[0]))(index_keys))
-  shape = tuple(images.shape[1:])
-  noise_keys = _image_keys(seed, _TAG_FORWARD_NOISE, count)
-  noise = np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys))
+    raise ValueError(f"count must be at least 1 (z per σ), got {count}")
+  indices, noise = forward_indices_and_noise(images.shape[0], images.shape[1:], jnp.arange(count),
+                                             seed)
+  indices = np.asarray(indices)
   x = np.asarray(to_model_range(jnp.asarray(images[indices])))
-  return ForwardSet(indices, x, noise)
+  return ForwardSet(indices, x, np.asarray(noise))
 
 
 def reverse_grid(sigmas: Sequence[float], steps: int = 18) -> np.ndarray:
@@ -158,7 +137,7 @@ def reverse_grid(sigmas: Sequence[float], steps: int = 18) -> np.ndarray:
 
 def reverse_set(denoise: Denoiser, image_shape, sigmas: Sequence[float], seeds: Sequence[int], *,
                 steps: int = 18, solver: str = "heun", batch_size: int = 16,
-                log: Callable[[str], None] | None = None) -> np.ndarray:
+                progress: Progress = SILENT) -> np.ndarray:
   """States z(σ) of `denoise`'s own PF-ODE trajectories, one per seed (the paper's reverse set).
 
   Sample k starts from `latents_from_seeds([seeds[k]])` (so its final state is what bin/sample draws
@@ -172,7 +151,7 @@ def reverse_set(denoise: Denoiser, image_shape, sigmas: Sequence[float], seeds: 
     seeds: (B,) latent seeds.
     steps, solver: the sampler (`pspc_jax.sample`).
     batch_size: trajectories per compiled batch (the last batch is padded).
-    log: optional progress printer.
+    progress: the sampler's compilation as a phase, then a bar over the trajectories.
 
   Returns:
     (S, B, H, W, C) float32: [j, k] is seed k's state at sigmas[j].
@@ -182,64 +161,18 @@ def reverse_set(denoise: Denoiser, image_shape, sigmas: Sequence[float], seeds: 
   run = jax.jit(lambda den, seeds: jnp.swapaxes(sample(
       den, latents_from_seeds(seeds, tuple(image_shape)), jnp.asarray(grid), solver=solver,
       return_trajectory=True)[1].z[where], 0, 1))
-  seeds = np.asarray([int(s) for s in seeds])
-  start = time.perf_counter()
-  done = [0]
-
-  def report(count):
-    done[0] += count
-    if log:
-      log(f"reverse set: {done[0]}/{len(seeds)} trajectories ({len(grid) - 1} {solver} "
-          f"steps) elapsed {time.perf_counter() - start:.1f}s")
-
+  seeds = np.asarray([int(s) for s in seeds], np.int32)
   denoise = as_argument(denoise)
-  states = map_batched(lambda batch: run(denoise, batch), [seeds], batch_size, on_batch=report)
+  step = compile_jitted(progress, f"reverse-set sampler ({len(grid) - 1} {solver} steps)", run,
+                        denoise, pad_rows(seeds[:batch_size], batch_size))
+  with progress.bar(total=len(seeds), desc="reverse set", unit="trajectory") as bar:
+    states = map_batched(lambda batch: step(denoise, batch), [seeds], batch_size,
+                         on_batch=bar.update)
   return np.swapaxes(states, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Denoiser calls and metrics.
-
-class BatchedDenoiser:
-  """`denoise` compiled once for a fixed batch size; calls on any number of z pad the last batch.
-
-  σ is passed per sample ((batch_size,) float32), so one compilation serves every σ (and batches that
-  mix levels). The object is built once per denoiser and reused for every σ and set.
-  """
-
-  def __init__(self, denoise: Denoiser, batch_size: int):
-    if batch_size < 1:
-      raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    self.batch_size = int(batch_size)
-    self.calls = 0  # compiled-batch calls, for tests and progress
-    self.denoise = as_argument(denoise)
-
-  def __call__(self, z: np.ndarray, sigma) -> np.ndarray:
-    """(B, H, W, C) z, σ scalar or (B,) → (B, H, W, C) float32 NumPy outputs."""
-    z = np.asarray(z, np.float32)
-    sigma = np.broadcast_to(np.asarray(sigma, np.float32), (len(z),))
-
-    def call(z_batch, sigma_batch):
-      self.calls += 1
-      return apply_denoiser(self.denoise, z_batch, sigma_batch)
-    return map_batched(call, [z, sigma], self.batch_size)
-
-
-def registry_maker(data, options: Mapping[str, Mapping] | None = None, mesh=None
-                   ) -> Callable[[str], Denoiser]:
-  """`make(name)` over the registry: `build_denoiser(name, data, **options.get(name, {}))`.
-
-  This is the one place where the evaluation builds denoisers; pass another `make` to `evaluate_run` /
-  `compare_run` to change how they are built. With a device `mesh` (`pspc_jax.distributed.make_mesh`),
-  the denoisers that hold a training set are sharded over it (`distributed.shard`), the others stay on
-  one device.
-  """
-  options = dict(options or {})
-
-  def make(name):
-    return build_denoiser(name, data, mesh=mesh, shard_if_possible=True, **options.get(name, {}))
-  return make
-
+# Metrics and patch posterior means.
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
   """Mean over every z, pixel and channel of (a − b)², in float64."""
@@ -263,226 +196,25 @@ def extract_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 class PatchMeans:
-  """`patch_posterior_means` of one patch size, compiled once for a fixed batch (last batch padded)."""
+  """`patch_posterior_means` of one patch size, compiled once for a fixed batch (last batch padded).
 
-  def __init__(self, data, patch_size: int, batch_size: int):
-    self.data, self.batch_size = data, int(batch_size)
-    self._fn = jax.jit(lambda z, sigma, data: patch_posterior_means(z, sigma, data, int(patch_size)))
+  Compiled on construction (a "compiling patch means s=…" phase of `progress`); calls take any number
+  of z of the training images' shape.
+  """
+
+  def __init__(self, data, patch_size: int, batch_size: int, progress: Progress = SILENT):
+    """data: (N, H, W, C) training set; patch_size: s in [1, min(H, W)]; batch_size: z per call."""
+    self.data, self.batch_size = jnp.asarray(data), int(batch_size)
+    fn = jax.jit(lambda z, sigma, data: patch_posterior_means(z, sigma, data, int(patch_size)))
+    z = jax.ShapeDtypeStruct((self.batch_size,) + tuple(self.data.shape[1:]), jnp.float32)
+    sigma = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
+    self._fn = compile_jitted(progress, f"patch means s={patch_size}", fn, z, sigma, self.data)
 
   def __call__(self, z: np.ndarray, sigma: float) -> np.ndarray:
+    """(B, H, W, C) z at one σ → (B, H−s+1, W−s+1, s, s, C) float32 NumPy window means."""
     z = np.asarray(z, np.float32)
     sigmas = np.full((len(z),), sigma, np.float32)
     return map_batched(lambda zb, sb: self._fn(zb, sb, self.data), [z, sigmas], self.batch_size)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The resumable evaluation run.
-
-def _write_table(stem: str, rows: list[dict], columns: Sequence[str]) -> None:
-  """Writes rows as `stem.csv` and `stem.json` (a list of row objects), atomically."""
-  with atomic_write(stem + ".json", "w") as f:
-    json.dump(rows, f, indent=1)
-  text = io.StringIO()
-  writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-  with atomic_write(stem + ".csv", "w") as f:
-    f.write(text.getvalue())
-
-
-MSE_COLUMNS = ("sigma", "set", "denoiser_a", "denoiser_b", "mse", "count")
-PATCH_COLUMNS = ("sigma", "set", "patch_size", "target", "mse", "count")
-
-
-class _Clock:
-  """Progress over a known number of work units: elapsed and ETA from the units done so far."""
-
-  def __init__(self, total: int, log: Callable[[str], None]):
-    self.total, self.log, self.done = max(1, total), log, 0
-    self.start = time.perf_counter()
-
-  def tick(self, what: str, seconds: float) -> None:
-    self.done += 1
-    elapsed = time.perf_counter() - self.start
-    eta = elapsed / self.done * (self.total - self.done)
-    self.log(f"[{self.done}/{self.total}] {what} {seconds:.1f}s; elapsed {elapsed:.1f}s, "
-             f"eta {eta:.1f}s")
-
-
-def evaluate_run(images: np.ndarray, *, denoisers: Sequence[str], outdir: str,
-                 make: Callable[[str], Denoiser] | None = None,
-                 options: Mapping[str, Mapping] | None = None,
-                 sigmas: Sequence[float] | None = None, sets: Sequence[str] = SETS, count: int = 64,
-                 seed: int = 0, batch_size: int = 16, reference: str = "network", steps: int = 18,
-                 solver: str = "heun", patch_sizes: Sequence[int] = (), dataset_name: str = "",
-                 mesh=None, plot: bool = True, log: Callable[[str], None] = print) -> dict:
-  """Evaluates `denoisers` on every (σ, set) and writes the MSE tables and figures (see module doc).
-
-  Args:
-    images: (N, H, W, C) uint8 training set (the denoisers' data and the forward set's x).
-    denoisers: registry names, at least one (pairs need two).
-    outdir: output folder; a run of the same configuration there is resumed.
-    make: `make(name) -> denoise`; default `registry_maker(images, options, mesh)`. Called at most
-      once per name, and only when something is left to compute.
-    options: builder options per name (recorded in config.json; used by the default `make`).
-    sigmas: noise levels (default `default_sigmas(steps)`), evaluated in descending order.
-    sets: subset of ("forward", "reverse").
-    count: z per σ and set (the reverse set: `count` trajectories, seeds seed … seed+count−1).
-    seed: base seed of both sets.
-    batch_size: z per compiled denoiser call.
-    reference: the denoiser whose trajectories make the reverse set.
-    steps, solver: the reverse set's sampler (see `reverse_grid`).
-    patch_sizes: when non-empty, also the patch analysis (Fig. 4) against `patch_target(set,
-      reference)` (empirical on the forward set, the reference on the reverse set), which is then
-      evaluated even if not in `denoisers` (it is added to the list).
-    dataset_name: recorded in config.json.
-    mesh: optional device mesh for the default `make` (sharded datasets; results equal up to float32
-      rounding, so it is not part of the configuration). `batch_size` should then be a multiple of the
-      mesh's batch axis.
-    plot: write mse.png (and patch_mse.png).
-    log: progress printer.
-
-  Returns:
-    {"mse": rows, "patch_mse": rows, "computed": [(σ, set) computed now], "seconds": float,
-     "outdir": outdir}.
-  """
-  unknown = [s for s in sets if s not in SETS]
-  if unknown or not sets:
-    raise ValueError(f"unknown evaluation set {unknown[0] if unknown else '(none)'}; use "
-                     f"{' and/or '.join(SETS)}")
-  denoisers = list(dict.fromkeys(denoisers))
-  if not denoisers:
-    raise ValueError("give at least one denoiser")
-  patch_sizes = sorted({int(s) for s in patch_sizes})
-  side = min(images.shape[1], images.shape[2])
-  if patch_sizes and not 1 <= patch_sizes[0] <= patch_sizes[-1] <= side:
-    raise ValueError(f"patch sizes must lie in [1, {side}], got {patch_sizes}")
-  for name in sets if patch_sizes else ():
-    target = patch_target(name, reference)
-    if target not in denoisers:
-      log(f"patch analysis on the {name} set compares with {target}: evaluating it too")
-      denoisers.append(target)
-  sigmas = [float(s) for s in (default_sigmas(steps) if sigmas is None else
-                               np.sort(np.asarray(sigmas, np.float32))[::-1])]
-  if not sigmas or min(sigmas) <= 0:
-    raise ValueError("need at least one σ, all positive")
-  if count < 1 or batch_size < 1:
-    raise ValueError("--count and --batch must be at least 1")
-  batch_size = min(batch_size, count)  # no compiled batch larger than a whole set
-  options = {name: dict(options.get(name, {})) for name in options} if options else {}
-  config = {"denoisers": denoisers,
-            "options": {n: {k: str(v) for k, v in o.items()} for n, o in options.items()
-                        if n in denoisers or n == reference},
-            "sigmas": sigmas, "sets": list(sets), "count": count, "seed": seed,
-            "reference": reference if "reverse" in sets else None, "steps": steps, "solver": solver,
-            "patch_sizes": patch_sizes, "dataset": dataset_name,
-            "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
-  state_path = os.path.join(outdir, "results.json")
-  state = {"finished": [], "mse": [], "patch_mse": []}
-  if prepare_run_dir(outdir, config, "results.json"):
-    with open(state_path) as f:
-      state = json.load(f)
-    log(f"resuming: {len(state['finished'])}/{len(sigmas) * len(sets)} (σ, set) already in "
-        f"{state_path}")
-  else:
-    # A fresh run: no reverse set of another configuration may be picked up, and the (empty) state is
-    # written at once, so whatever follows (the reverse set first) belongs to this configuration.
-    if os.path.exists(os.path.join(outdir, "reverse_set.npz")):
-      os.unlink(os.path.join(outdir, "reverse_set.npz"))
-    _save_state(outdir, state)
-  finished = {(float(s), name) for s, name in state["finished"]}
-  todo = [(s, name) for s in sigmas for name in sets if (s, name) not in finished]
-  start = time.perf_counter()
-
-  if todo:
-    data = jnp.asarray(images)
-    make = make or registry_maker(data, options, mesh)
-    built: dict[str, Denoiser] = {}
-
-    def build(name):
-      if name not in built:
-        t = time.perf_counter()
-        built[name] = make(name)
-        log(f"built {name} in {time.perf_counter() - t:.1f}s")
-      return built[name]
-
-    # Every denoiser is built before any work, so a bad option fails at once.
-    sets_todo = {name for _, name in todo}
-    if "reverse" in sets_todo:
-      build(reference)
-    calls = {name: BatchedDenoiser(build(name), batch_size) for name in denoisers}
-    forward = forward_set(images, count, seed) if "forward" in sets_todo else None
-    reverse = None
-    if "reverse" in sets_todo:
-      reverse_path = os.path.join(outdir, "reverse_set.npz")
-      if os.path.exists(reverse_path):
-        with np.load(reverse_path) as saved:
-          reverse = dict(zip(saved["sigmas"].tolist(), saved["states"]))
-        log(f"reverse set loaded from {reverse_path}")
-      else:
-        log(f"reverse set: {count} {reference} trajectories on {len(reverse_grid(sigmas, steps)) - 1}"
-            f" {solver} steps")
-        seeds = list(range(seed, seed + count))
-        states = reverse_set(build(reference), images.shape[1:], sigmas, seeds, steps=steps,
-                             solver=solver, batch_size=batch_size, log=log)
-        save_npz(reverse_path, sigmas=np.asarray(sigmas, np.float32), seeds=np.asarray(seeds),
-                 states=states)
-        reverse = dict(zip(np.asarray(sigmas, np.float32).tolist(), states))
-
-    patch_fns = {s: PatchMeans(data, s, batch_size) for s in patch_sizes}
-    clock = _Clock(len(todo) * (len(denoisers) + len(patch_sizes)), log)
-    for sigma, set_name in todo:
-      z = forward.z(sigma) if set_name == "forward" else reverse[float(np.float32(sigma))]
-      log(f"σ={sigma:.4g} set={set_name}: {len(z)} z, {len(denoisers)} denoisers")
-      outputs = {}
-      for name in denoisers:
-        t = time.perf_counter()
-        outputs[name] = calls[name](z, sigma)
-        clock.tick(f"σ={sigma:.4g} set={set_name} denoiser={name}", time.perf_counter() - t)
-      rows = [{"sigma": sigma, "set": set_name, "denoiser_a": a, "denoiser_b": b, "mse": value,
-               "count": len(z)} for a, b, value in pairwise_mse(outputs)]
-      patch_rows = []
-      target = patch_target(set_name, reference)
-      for size in patch_sizes:
-        t = time.perf_counter()
-        means = patch_fns[size](z, sigma)
-        patch_rows.append({"sigma": sigma, "set": set_name, "patch_size": size, "target": target,
-                           "mse": mse(means, extract_patches(outputs[target], size)),
-                           "count": len(z)})
-        clock.tick(f"σ={sigma:.4g} set={set_name} patch means s={size}", time.perf_counter() - t)
-      state["mse"].extend(rows)
-      state["patch_mse"].extend(patch_rows)
-      state["finished"].append([sigma, set_name])
-      _save_state(outdir, state)
-  else:
-    log(f"nothing left to compute in {outdir}")
-
-  state = _save_state(outdir, state)
-  if plot:
-    from pspc_jax import plots
-
-    plots.save_mse_plot(os.path.join(outdir, "mse.png"), state["mse"],
-                        title=f"{dataset_name}: denoiser MSE by σ" if dataset_name else "")
-    if state["patch_mse"]:
-      plots.save_patch_mse_plot(os.path.join(outdir, "patch_mse.png"), state["patch_mse"])
-  return {"mse": state["mse"], "patch_mse": state["patch_mse"], "computed": todo,
-          "seconds": time.perf_counter() - start, "outdir": outdir}
-
-
-def _save_state(outdir: str, state: dict) -> dict:
-  """results.json first (the resumption state), then the table views; rows sorted by σ descending
-  (then set, then computation order). Returns the sorted state."""
-  key = {name: k for k, name in enumerate(SETS)}
-  order = lambda row: (-row["sigma"], key[row["set"]])  # noqa: E731
-  state = {"finished": state["finished"], "mse": sorted(state["mse"], key=order),
-           "patch_mse": sorted(state["patch_mse"], key=order)}
-  with atomic_write(os.path.join(outdir, "results.json"), "w") as f:
-    json.dump(state, f, indent=1)
-  _write_table(os.path.join(outdir, "mse"), state["mse"], MSE_COLUMNS)
-  if state["patch_mse"]:
-    _write_table(os.path.join(outdir, "patch_mse"), state["patch_mse"], PATCH_COLUMNS)
-  return state
 
 
 def mse_lookup(rows: Sequence[Mapping], set_name: str, a: str, b: str) -> dict[float, float]:
@@ -623,9 +355,20 @@ def memorisation_stats(samples: np.ndarray, data, threshold: float = MEMORISATIO
 
 
 def sample_with_trajectory(denoise: Denoiser, seeds: Sequence[int], image_shape, sigmas, *,
-                           solver: str = "heun", batch_size: int = 16
+                           solver: str = "heun", batch_size: int = 16, progress: Progress = SILENT,
+                           label: str = "sampler"
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Samples one image per seed and records its trajectory (batched, last batch padded).
+
+  Args:
+    denoise: the denoiser.
+    seeds: (B,) latent seeds (`latents_from_seeds`).
+    image_shape: (H, W, C).
+    sigmas: (N+1,) the sampler grid, descending, ending at 0.
+    solver: "heun" or "euler".
+    batch_size: trajectories per compiled batch.
+    progress: compilation as a phase "compiling <label>", then a bar over the seeds.
+    label: names the sampler in `progress`.
 
   Returns:
     (samples (B, H, W, C), z (N+1, B, H, W, C), denoised (N, B, H, W, C)) NumPy float32, as
@@ -638,142 +381,11 @@ def sample_with_trajectory(denoise: Denoiser, seeds: Sequence[int], image_shape,
                        return_trajectory=True)
     return out, jnp.swapaxes(path.z, 0, 1), jnp.swapaxes(path.denoised, 0, 1)
 
-  run = jax.jit(run)
-  seeds = np.asarray([int(s) for s in seeds])
+  seeds = np.asarray([int(s) for s in seeds], np.int32)
   denoise = as_argument(denoise)
-  samples, z, denoised = map_batched(lambda batch: run(denoise, batch), [seeds], batch_size)
+  example = pad_rows(seeds[:batch_size], batch_size)
+  step = compile_jitted(progress, label, jax.jit(run), denoise, example)
+  with progress.bar(total=len(seeds), desc=label, unit="sample") as bar:
+    samples, z, denoised = map_batched(lambda batch: step(denoise, batch), [seeds], batch_size,
+                                       on_batch=bar.update)
   return samples, np.swapaxes(z, 0, 1), np.swapaxes(denoised, 0, 1)
-
-
-def compare_run(images: np.ndarray, *, denoisers: Sequence[str], seeds: Sequence[int], outdir: str,
-                make: Callable[[str], Denoiser] | None = None,
-                options: Mapping[str, Mapping] | None = None, steps: int = 18,
-                solver: str = "heun", batch_size: int = 16,
-                descriptors: Sequence[str] = ("pixel", "nearest_training"), figure_seeds: int = 2,
-                columns: int = 6, dataset_name: str = "", mesh=None,
-                log: Callable[[str], None] = print) -> dict:
-  """Samples every denoiser from the same latents and compares the samples (paper Fig. 8 and §5).
-
-  Writes to `outdir`: samples_<denoiser>.npz (seeds, samples, trajectory z and denoised; a finished
-  denoiser is skipped on a rerun of the same configuration), samples.png (one row per denoiser, one
-  column per seed), trajectory_<seed>.png for the first `figure_seeds` seeds (z and D(z) at `columns`
-  steps and the final sample, two rows per denoiser), similarity.json / similarity.csv and
-  similarity_<descriptor>.png (one matrix per descriptor), memorisation.json / memorisation.csv.
-  `make`, `options` and `mesh` as in `evaluate_run`.
-
-  Returns:
-    {"similarity": {descriptor: {"names": [...], "matrix": [[...]]}}, "memorisation": {denoiser:
-     summary}, "seconds": float}.
-  """
-  from pspc_jax import plots
-
-  denoisers = list(dict.fromkeys(denoisers))
-  seeds = [int(s) for s in seeds]
-  if not denoisers or not seeds:
-    raise ValueError("need at least one denoiser and one seed")
-  for name in descriptors:
-    if name not in _DESCRIPTORS:
-      raise ValueError(f"unknown descriptor {name!r}; choose one of {', '.join(available_descriptors())}")
-  options = dict(options or {})
-  config = {"denoisers": denoisers,
-            "options": {n: {k: str(v) for k, v in o.items()} for n, o in options.items()
-                        if n in denoisers},
-            "seeds": seeds, "steps": steps, "solver": solver, "dataset": dataset_name,
-            "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
-  prepare_run_dir(outdir, config, "config.json")
-  start = time.perf_counter()
-  data = jnp.asarray(images)
-  make = make or registry_maker(data, options, mesh)
-  grid = np.asarray(edm_sigmas(steps))
-  results = {}
-  for k, name in enumerate(denoisers, 1):
-    path = os.path.join(outdir, f"samples_{name}.npz")
-    if os.path.exists(path):
-      with np.load(path) as saved:
-        results[name] = (saved["samples"], saved["trajectory_z"], saved["trajectory_denoised"])
-      log(f"[{k}/{len(denoisers)}] {name}: loaded {path}")
-      continue
-    t = time.perf_counter()
-    results[name] = sample_with_trajectory(make(name), seeds, images.shape[1:], grid, solver=solver,
-                                           batch_size=min(batch_size, len(seeds)))
-    save_npz(path, seeds=np.asarray(seeds), samples=results[name][0], trajectory_z=results[name][1],
-             trajectory_denoised=results[name][2], sigmas=grid)
-    elapsed = time.perf_counter() - start
-    log(f"[{k}/{len(denoisers)}] sampled {name}: {len(seeds)} seeds in {time.perf_counter() - t:.1f}s;"
-        f" elapsed {elapsed:.1f}s, eta {elapsed / k * (len(denoisers) - k):.1f}s")
-
-  samples = {name: results[name][0] for name in denoisers}
-  plots.save_rows_figure(os.path.join(outdir, "samples.png"),
-                         {name: s[:16] for name, s in samples.items()},
-                         title=f"samples from shared latents (seeds {seeds[0]}…)")
-  # Trajectory figures (Fig. 8): `columns` steps evenly spaced over the N steps, then the sample.
-  num_steps = len(grid) - 1
-  picked = np.unique(np.round(np.linspace(0, num_steps - 1, min(columns, num_steps))).astype(int))
-  titles = [f"σ={grid[i]:.3g}" for i in picked] + ["sample"]
-  for b in range(min(figure_seeds, len(seeds))):
-    rows = {}
-    for name in denoisers:
-      _, path_z, path_d = results[name]
-      rows[f"{name}: z"] = np.concatenate([path_z[picked, b], path_z[-1:, b]])
-      rows[f"{name}: D(z)"] = np.concatenate([path_d[picked, b], path_z[-1:, b]])
-    plots.save_trajectory_figure(os.path.join(outdir, f"trajectory_{seeds[b]}.png"), rows, titles,
-                                 title=f"seed {seeds[b]}: z and D(z) along the {solver} sampler")
-
-  similarity = {}
-  for name in descriptors:
-    names, matrix = similarity_matrix(samples, data, name)
-    similarity[name] = {"names": names, "matrix": matrix.tolist()}
-    plots.save_similarity_matrix(os.path.join(outdir, f"similarity_{name}.png"), names, matrix,
-                                 title=f"{name} similarity of samples from shared latents")
-  with atomic_write(os.path.join(outdir, "similarity.json"), "w") as f:
-    json.dump(similarity, f, indent=1)
-  _write_table(os.path.join(outdir, "similarity"),
-               [{"descriptor": d, "denoiser_a": a, "denoiser_b": b,
-                 "similarity": similarity[d]["matrix"][i][j], "count": len(seeds)}
-                for d in similarity for i, a in enumerate(similarity[d]["names"])
-                for j, b in enumerate(similarity[d]["names"]) if j > i],
-               ("descriptor", "denoiser_a", "denoiser_b", "similarity", "count"))
-
-  memorisation = {}
-  for name in denoisers:
-    stats = memorisation_stats(samples[name], data)
-    memorisation[name] = {k: v for k, v in stats.items() if not isinstance(v, np.ndarray)}
-  _write_table(os.path.join(outdir, "memorisation"),
-               [{"denoiser": name, **summary} for name, summary in memorisation.items()],
-               ("denoiser", "mean_nn_distance", "median_nn_distance", "min_nn_distance",
-                "median_nn_ratio", "fraction_memorised", "count"))
-  return {"similarity": similarity, "memorisation": memorisation,
-          "seconds": time.perf_counter() - start}
-
-
-def format_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
-  """A Markdown table of `rows` (floats to 4 significant digits), for logs and READMEs."""
-  def cell(value):
-    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
-  lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-  lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def format_pivot(rows: Sequence[Mapping], set_name: str,
-                 pairs: Sequence[tuple[str, str]] | None = None) -> str:
-  """A Markdown table of one set's MSE: one row per σ (descending), one column per denoiser pair.
-
-  Args:
-    rows: MSE table rows (`evaluate_run`).
-    set_name: "forward" or "reverse".
-    pairs: the (a, b) columns (default: every pair present, in table order).
-  """
-  rows = [row for row in rows if row["set"] == set_name]
-  if pairs is None:
-    pairs = list(dict.fromkeys((row["denoiser_a"], row["denoiser_b"]) for row in rows))
-  sigmas = sorted({row["sigma"] for row in rows}, reverse=True)
-  lines = ["| σ | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
-           "|---|" + "---|" * len(pairs)]
-  for sigma in sigmas:
-    cells = []
-    for a, b in pairs:
-      value = mse_lookup(rows, set_name, a, b).get(sigma)
-      cells.append("" if value is None else f"{value:.4g}")
-    lines.append(f"| {sigma:.4g} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)

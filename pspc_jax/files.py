@@ -89,7 +89,7 @@ def resume_per_sigma(sigmas: Sequence[float], part_path: Callable[[float], str],
       configuration: a σ equal to grid[j] (relative 1e-6) reuses value_at(j) before any part file.
 
   Returns:
-    {index in sigmas: value}; prints how many noise levels are reused when there are any.
+    {index in sigmas: value} (the caller reports the resumption).
   """
   grid = np.asarray(finished[0] if finished else [], np.float64)
   done = {}
@@ -99,6 +99,4 @@ def resume_per_sigma(sigmas: Sequence[float], part_path: Callable[[float], str],
       done[k] = finished[1](int(match[0]))
     elif os.path.exists(part_path(sigma)):
       done[k] = read_part(part_path(sigma))
-  if done:
-    print(f"resuming: {len(done)}/{len(sigmas)} noise levels already computed", flush=True)
   return done

@@ -314,7 +314,7 @@ def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("n
   Args:
     path: output PNG.
     rows: table rows with keys sigma, set, denoiser_a, denoiser_b, mse
-      (`pspc_jax.evaluation.evaluate_run`).
+      (`pspc_jax.jobs.evaluate.evaluate_run`).
     references: the denoisers the others are compared with, in order of preference.
     title: figure title.
   """

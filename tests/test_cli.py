@@ -23,12 +23,21 @@ def run_tool(tool, *args, cwd=None):
                         text=True, cwd=cwd, env=env, timeout=300)
 
 
+def final_bar(stderr, desc):
+  """The last state of the tqdm bar `desc` in a tool's stderr (tqdm redraws it after a carriage
+  return)."""
+  return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(desc)][-1]
+
+
 def test_sample_pspc_square_end_to_end_and_resume(tmp_path):
   out = tmp_path / "run"
   args = ["--seeds=0-3", "--steps=4", "--batch=2", f"--outdir={out}"]
   first = run_tool("sample", *args)
   assert first.returncode == 0, first.stderr
-  assert "batch 2/2 step 4/4" in first.stdout
+  # Compilation is its own phase; then one bar over the batches, its postfix the sampler's last step.
+  assert "compiling sampler: " in first.stderr
+  assert "| 2/2 [" in final_bar(first.stderr, "sampling:")
+  assert "step 4/4 σ=0.002" in final_bar(first.stderr, "sampling:")
   for name in ("samples.npz", "samples.png", "nearest.png", "config.json"):
     assert (out / name).stat().st_size > 0
   with np.load(out / "samples.npz") as saved:
@@ -43,7 +52,7 @@ def test_sample_pspc_square_end_to_end_and_resume(tmp_path):
   np.savez(out / "samples.npz", seeds=seeds[:2], samples=samples[:2])
   second = run_tool("sample", *args)
   assert second.returncode == 0, second.stderr
-  assert "resuming: 2/4" in second.stdout and "batch 1/1" in second.stdout
+  assert "resuming: 2/4" in second.stderr and "| 1/1 [" in final_bar(second.stderr, "sampling:")
   with np.load(out / "samples.npz") as saved:
     np.testing.assert_allclose(saved["samples"], samples, atol=1e-6)
 

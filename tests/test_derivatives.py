@@ -18,7 +18,8 @@ from pspc_jax.data import load_dataset
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.cfdm import cfdm_noise
 from pspc_jax.denoisers.registry import available_denoisers, make_denoiser
-from pspc_jax.sensitivity import abs_jacobian_sum, load_maps
+from pspc_jax.maps_files import load_maps
+from pspc_jax.sensitivity import abs_jacobian_sum
 from reference import empirical_reference, pspc_reference, square_masks, to_float64
 from test_checkpoints import _tiny_params, tiny_arch  # noqa: F401 (a fixture)
 from test_els_cfdm import cfdm_reference

@@ -81,7 +81,7 @@ def _worker(out_path):
   from pspc_jax import distributed
   from pspc_jax.denoisers.flex import SensitivityMaps, flex_mask_set
   from pspc_jax.denoisers.values import make_flex_denoiser
-  from pspc_jax.sensitivity import save_maps
+  from pspc_jax.maps_files import save_maps
 
   assert jax.device_count() == DEVICES, jax.devices()
   maps = _maps()

@@ -1,6 +1,8 @@
-"""Tests for batch evaluation (pspc_jax.evaluation, bin/evaluate): MSE tables, evaluation sets,
-resumption, patch posterior means (Fig. 4), sample similarity and memorisation statistics."""
+"""Tests for batch evaluation (pspc_jax.evaluation, pspc_jax.jobs.evaluate / compare, bin/evaluate):
+MSE tables, evaluation sets, resumption, progress, patch posterior means (Fig. 4), sample similarity
+and memorisation statistics."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +19,9 @@ from pspc_jax.denoisers.pspc import patch_posterior_means
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
+from pspc_jax.forward_process import forward_samples
+from pspc_jax.jobs.compare import compare_run
+from pspc_jax.jobs.evaluate import BatchedDenoiser, evaluate_run
 from pspc_jax.sampling import latents_from_seeds, sample
 from reference import to_float64
 
@@ -27,23 +32,77 @@ def _images(count=12, shape=(6, 5, 1), seed=0):
   return np.random.default_rng(seed).integers(0, 256, (count,) + shape, dtype=np.uint8)
 
 
-def _quiet(_):
+class Interrupt(Exception):
   pass
+
+
+class _Bar:
+  """A stand-in for a tqdm bar: counts updates, keeps postfixes."""
+
+  def __init__(self, recorder, total, desc, initial):
+    self.recorder, self.total, self.desc, self.n = recorder, total, desc, initial
+    self.initial, self.postfixes = initial, []
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def update(self, n=1):
+    self.n += n
+
+  def set_postfix_str(self, text, refresh=True):
+    del refresh
+    self.postfixes.append(text)
+    if self.recorder.interrupt_at and text.startswith(self.recorder.interrupt_at):
+      raise Interrupt
+
+
+class _Recorder:
+  """A `pspc_jax.progress.Progress` that records notes, phases and bars, and raises `Interrupt` when a
+  bar's postfix starts with `interrupt_at` (the output about to be computed)."""
+
+  def __init__(self, interrupt_at=None):
+    self.notes, self.phases, self.bars = [], [], []
+    self.interrupt_at = interrupt_at
+
+  def note(self, message):
+    self.notes.append(message)
+
+  @contextlib.contextmanager
+  def phase(self, label):
+    self.phases.append(label)
+    yield
+
+  def bar(self, total, desc, unit="it", initial=0):
+    del unit
+    self.bars.append(_Bar(self, total, desc, initial))
+    return self.bars[-1]
+
+  def compiled(self):
+    return [label for label in self.phases if label.startswith("compiling")]
 
 
 def test_mse_table_equals_direct_numpy(tmp_path):
   images = _images()
   options = {"pspc_square": {"patch_schedule": 3}}
   sigmas = [0.7, 0.05]
-  summary = ev.evaluate_run(images, denoisers=["empirical", "gaussian", "pspc_square"],
-                            options=options, sigmas=sigmas, sets=["forward"], count=5, seed=4,
-                            batch_size=2, outdir=str(tmp_path), log=_quiet)
+  progress = _Recorder()
+  summary = evaluate_run(images, denoisers=["empirical", "gaussian", "pspc_square"],
+                         options=options, sigmas=sigmas, sets=["forward"], count=5, seed=4,
+                         batch_size=2, outdir=str(tmp_path), progress=progress)
   rows = summary["mse"]
   assert len(rows) == 2 * 3
-  fs = ev.forward_set(images, 5, seed=4)
+  # One compilation per denoiser, before the one bar over the 2 σ × 3 outputs.
+  assert progress.compiled() == ["compiling denoiser empirical", "compiling denoiser gaussian",
+                                 "compiling denoiser pspc_square"]
+  [bar] = progress.bars
+  assert (bar.desc, bar.initial, bar.n, bar.total) == ("evaluating", 0, 6, 6)
+  assert bar.postfixes[0] == "σ=0.7 forward empirical"
   data = jnp.asarray(images)
   for sigma in sigmas:
-    z = jnp.asarray(fs.z(np.float32(sigma)))
+    z = forward_samples(data, np.float32(sigma), jnp.arange(5), seed=4)
     out = {name: np.asarray(build_denoiser(name, data, **options.get(name, {}))(z, np.float32(sigma)),
                             np.float64)
            for name in ("empirical", "gaussian", "pspc_square")}
@@ -66,7 +125,9 @@ def test_batched_denoiser_pads_last_batch():
     calls.append(z.shape)  # traced once
     return z * sigma[:, None, None, None]
 
-  batched = ev.BatchedDenoiser(denoise, 4)
+  progress = _Recorder()
+  batched = BatchedDenoiser(denoise, 4, (2, 2, 1), progress, label="times σ")
+  assert calls == [(4, 2, 2, 1)] and progress.phases == ["compiling times σ"]  # on construction
   z = np.arange(7 * 2 * 2).reshape(7, 2, 2, 1).astype(np.float32)
   out = batched(z, 0.5)
   np.testing.assert_allclose(out, 0.5 * z)
@@ -91,14 +152,30 @@ def test_forward_set_is_reproducible_and_per_image():
   assert abs(float(a.noise.std()) - 1.0) < 0.2
 
 
+def test_forward_set_is_the_forward_process_convention():
+  # bin/evaluate's forward z at seed s are bin/tune_schedule's and bin/sensitivity's z at seed s.
+  images = _images(15, (5, 4, 3), seed=7)
+  for seed in (0, 9):
+    fs = ev.forward_set(images, 6, seed=seed)
+    for sigma in (80.0, 0.3, 0.002):
+      want = forward_samples(images, sigma, jnp.arange(6), seed)
+      np.testing.assert_allclose(fs.z(sigma), np.asarray(want), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="count must be at least 1"):
+    ev.forward_set(images, 0)
+
+
 def test_reverse_set_equals_trajectory_states():
   images = _images(10, (4, 4, 1))
   denoise = make_denoiser("gaussian", jnp.asarray(images))
   steps = 6
   grid = np.asarray(edm_sigmas(steps))
   sigmas = [grid[2], grid[4]]
-  states = ev.reverse_set(denoise, (4, 4, 1), sigmas, [5, 6, 7], steps=steps, batch_size=2)
+  progress = _Recorder()
+  states = ev.reverse_set(denoise, (4, 4, 1), sigmas, [5, 6, 7], steps=steps, batch_size=2,
+                          progress=progress)
   assert states.shape == (2, 3, 4, 4, 1)
+  assert progress.compiled() == ["compiling reverse-set sampler (6 heun steps)"]
+  assert [(bar.desc, bar.n, bar.total) for bar in progress.bars] == [("reverse set", 3, 3)]
   _, path = sample(denoise, latents_from_seeds(jnp.asarray([5, 6, 7]), (4, 4, 1)), grid,
                    return_trajectory=True)
   np.testing.assert_allclose(states, np.asarray(path.z)[[2, 4]], atol=1e-5)
@@ -132,28 +209,25 @@ def test_resumption_skips_finished_sigma(tmp_path):
   sigmas = [2.0, 0.5, 0.1]
   common = dict(denoisers=["empirical", "gaussian"], sigmas=sigmas, sets=["forward", "reverse"],
                 reference="gaussian", steps=4, count=3, batch_size=2)
-  reference_run = ev.evaluate_run(images, outdir=str(tmp_path / "full"), log=_quiet, plot=False,
-                                  **common)
-
-  class Interrupt(Exception):
-    pass
-
-  def interrupting_log(line):
-    if line.startswith("σ=0.5 set=reverse"):
-      raise Interrupt  # killed after (2, fwd), (2, rev), (0.5, fwd) were saved
+  reference_run = evaluate_run(images, outdir=str(tmp_path / "full"), plot=False, **common)
 
   counts = {}
+  # Killed after (2, fwd), (2, rev), (0.5, fwd) were saved.
   with pytest.raises(Interrupt):
-    ev.evaluate_run(images, outdir=str(tmp_path / "cut"), make=_counting_maker(data, counts),
-                    log=interrupting_log, plot=False, **common)
+    evaluate_run(images, outdir=str(tmp_path / "cut"), make=_counting_maker(data, counts),
+                 progress=_Recorder(interrupt_at="σ=0.5 reverse"), plot=False, **common)
   with open(tmp_path / "cut" / "results.json") as f:
     assert len(json.load(f)["finished"]) == 3
   counts.clear()
-  lines = []
-  resumed = ev.evaluate_run(images, outdir=str(tmp_path / "cut"), make=_counting_maker(data, counts),
-                            log=lines.append, plot=False, **common)
-  assert any(line.startswith("resuming: 3/6") for line in lines)
-  assert any("reverse set loaded" in line for line in lines)
+  progress = _Recorder()
+  resumed = evaluate_run(images, outdir=str(tmp_path / "cut"), make=_counting_maker(data, counts),
+                         progress=progress, plot=False, **common)
+  assert any(line.startswith("resuming: 3/6") for line in progress.notes)
+  assert any("reverse set loaded" in line for line in progress.notes)
+  # The bar starts at the 3 finished (σ, set) × 2 denoisers; nothing compiles but the denoisers.
+  [bar] = progress.bars
+  assert (bar.initial, bar.n, bar.total) == (6, 12, 12)
+  assert progress.compiled() == ["compiling denoiser empirical", "compiling denoiser gaussian"]
   assert resumed["computed"] == [(0.5, "reverse"), (float(np.float32(0.1)), "forward"),
                                  (float(np.float32(0.1)), "reverse")]
   # 3 (σ, set) left × ceil(3 / 2) batches per denoiser; the reverse set was not sampled again.
@@ -164,12 +238,14 @@ def test_resumption_skips_finished_sigma(tmp_path):
                                                               want["denoiser_a"])
     np.testing.assert_allclose(got["mse"], want["mse"], rtol=1e-5)
   counts.clear()
-  done = ev.evaluate_run(images, outdir=str(tmp_path / "cut"), make=_counting_maker(data, counts),
-                         log=_quiet, plot=False, **common)
+  progress = _Recorder()
+  done = evaluate_run(images, outdir=str(tmp_path / "cut"), make=_counting_maker(data, counts),
+                      plot=False, progress=progress, **common)
   assert done["computed"] == [] and counts == {}
+  assert progress.notes[-1] == f"nothing left to compute in {tmp_path / 'cut'}"
+  assert not progress.phases and not progress.bars
   with pytest.raises(ValueError, match="different configuration"):
-    ev.evaluate_run(images, outdir=str(tmp_path / "cut"), log=_quiet, plot=False,
-                    **dict(common, count=4))
+    evaluate_run(images, outdir=str(tmp_path / "cut"), plot=False, **dict(common, count=4))
 
 
 def _patch_means_reference(z, sigma, data, size):
@@ -220,9 +296,14 @@ def test_full_image_patch_is_the_optimal_denoiser():
 
 def test_patch_analysis_rows(tmp_path):
   images = _images(10, (5, 5, 1))
-  summary = ev.evaluate_run(images, denoisers=["gaussian"], sigmas=[1.0, 0.1], sets=["forward"],
-                            count=3, batch_size=2, patch_sizes=[2, 5], outdir=str(tmp_path),
-                            log=_quiet)
+  progress = _Recorder()
+  summary = evaluate_run(images, denoisers=["gaussian"], sigmas=[1.0, 0.1], sets=["forward"],
+                         count=3, batch_size=2, patch_sizes=[2, 5], outdir=str(tmp_path),
+                         progress=progress)
+  assert progress.notes == ["patch analysis on the forward set compares with empirical: "
+                            "evaluating it too"]
+  assert progress.compiled() == ["compiling denoiser gaussian", "compiling denoiser empirical",
+                                 "compiling patch means s=2", "compiling patch means s=5"]
   rows = summary["patch_mse"]
   assert [(r["sigma"], r["patch_size"], r["target"]) for r in rows] == [
       (1.0, 2, "empirical"), (1.0, 5, "empirical"), (float(np.float32(0.1)), 2, "empirical"),
@@ -278,8 +359,12 @@ def test_memorisation_stats():
 
 def test_compare_run_on_tiny_data(tmp_path):
   images = _images(12, (4, 4, 1), seed=6)
-  summary = ev.compare_run(images, denoisers=["empirical", "gaussian"], seeds=[0, 1, 2], steps=4,
-                           batch_size=2, outdir=str(tmp_path), log=_quiet)
+  progress = _Recorder()
+  summary = compare_run(images, denoisers=["empirical", "gaussian"], seeds=[0, 1, 2], steps=4,
+                        batch_size=2, outdir=str(tmp_path), progress=progress)
+  assert progress.compiled() == ["compiling empirical sampler", "compiling gaussian sampler"]
+  assert [(bar.desc, bar.n, bar.total) for bar in progress.bars] == [
+      ("empirical sampler", 3, 3), ("gaussian sampler", 3, 3)]
   for name in ("samples_empirical.npz", "samples_gaussian.npz", "samples.png", "trajectory_0.png",
                "trajectory_1.png", "similarity_pixel.png", "similarity.csv", "memorisation.csv"):
     assert (tmp_path / name).stat().st_size > 0, name
@@ -293,10 +378,10 @@ def test_compare_run_on_tiny_data(tmp_path):
   assert summary["memorisation"]["empirical"]["fraction_memorised"] == 1.0
   matrix = np.asarray(summary["similarity"]["pixel"]["matrix"])
   np.testing.assert_allclose(np.diag(matrix), 1.0)
-  again = []
-  ev.compare_run(images, denoisers=["empirical", "gaussian"], seeds=[0, 1, 2], steps=4,
-                 batch_size=2, outdir=str(tmp_path), log=again.append)
-  assert sum("loaded" in line for line in again) == 2
+  again = _Recorder()
+  compare_run(images, denoisers=["empirical", "gaussian"], seeds=[0, 1, 2], steps=4,
+              batch_size=2, outdir=str(tmp_path), progress=again)
+  assert sum("loaded" in line for line in again.notes) == 2 and not again.phases
 
 
 def test_parse_sigmas():
@@ -323,8 +408,13 @@ def test_bin_evaluate_end_to_end_on_digits(tmp_path):
           "--patch_schedule=3", "--max_images=200", f"--outdir={tmp_path}"]
   first = run_tool("evaluate", *args)
   assert first.returncode == 0, first.stderr
-  assert "reverse set" in first.stdout and "eta" in first.stdout
-  assert "σ=0.1 set=reverse denoiser=pspc_square" in first.stdout
+  # Progress on stderr: builds and compilations as phases, then bars (tqdm) whose ETA excludes them.
+  assert "compiling denoiser pspc_square…" in first.stderr
+  assert "compiling reverse-set sampler (5 heun steps)…" in first.stderr  # EDM grid ∪ {1, 0.1}
+  assert "reverse set: 100%" in first.stderr and "5/5" in first.stderr
+  # 2 σ × 2 sets × (4 denoisers + 2 patch sizes) outputs.
+  assert "evaluating: 100%" in first.stderr and "24/24" in first.stderr
+  assert "forward set, MSE per pixel" in first.stdout
   with open(tmp_path / "mse.json") as f:
     rows = json.load(f)
   assert len(rows) == 2 * 2 * 6 and all(r["count"] == 5 for r in rows)
@@ -335,6 +425,6 @@ def test_bin_evaluate_end_to_end_on_digits(tmp_path):
   for name in ("mse.csv", "mse.png", "patch_mse.csv", "patch_mse.png", "reverse_set.npz"):
     assert (tmp_path / name).stat().st_size > 0
   second = run_tool("evaluate", *args)
-  assert second.returncode == 0 and "nothing left to compute" in second.stdout
+  assert second.returncode == 0 and "nothing left to compute" in second.stderr
   bad = run_tool("evaluate", "--denoisers=empirical,nope", f"--outdir={tmp_path / 'bad'}")
   assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

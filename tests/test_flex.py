@@ -1,6 +1,5 @@
 """PSPC-Flex: masks from sensitivity maps, the denoiser against float64 brute force, schedules, CLI."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,8 +17,6 @@ from reference import make_problem, pspc_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
-HAVE_SENSITIVITY = importlib.util.find_spec("pspc_jax.sensitivity") is not None
-NO_SENSITIVITY = "pspc_jax.sensitivity (load_maps) is not written yet"
 
 
 def random_maps(height, width, seed=0):
@@ -255,7 +252,6 @@ def write_maps(path, height, width, sigmas=(80.0, 1.0, 0.01), radii=(4.0, 1.5, 0
   return np.asarray(sigmas), maps
 
 
-@pytest.mark.skipif(not HAVE_SENSITIVITY, reason=NO_SENSITIVITY)
 def test_registry_builds_from_maps_file(tmp_path):
   sigmas, maps = write_maps(tmp_path / "maps.npz", 6, 5)
   query_sigmas = np.array([0.9, 0.02, 60.0], np.float32)
@@ -280,7 +276,6 @@ def run_tool(tool, *args):
                         text=True, env=env, timeout=300)
 
 
-@pytest.mark.skipif(not HAVE_SENSITIVITY, reason=NO_SENSITIVITY)
 def test_sample_pspc_flex_end_to_end(tmp_path):
   write_maps(tmp_path / "maps.npz", 8, 8)  # the embedded digits are 8×8
   out = tmp_path / "run"

@@ -95,18 +95,48 @@ def _run_on_1_and_2_processes(argv, tmp_path):
 
 
 _SAMPLE = python(os.path.join(REPO, "bin", "sample"), "--denoiser=empirical",
-                 "--num_samples=4", "--steps=4", "--outdir=out")
+                 "--num_samples=4", "--steps=4", "--batch=2", "--outdir=out")
 
 
-def test_bin_sample_on_2_processes_equals_1_process(tmp_path, digits):
+def _final_bar(stderr):
+  """The last state of the "sampling" bar (tqdm redraws it after a carriage return)."""
+  return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("sampling:")][-1]
+
+
+def test_bin_sample_on_2_processes_equals_1_process_and_resumes(tmp_path, digits):
   one, first, second = _run_on_1_and_2_processes([*_SAMPLE, digits], tmp_path)
   with np.load(one / "out" / "samples.npz") as single, \
       np.load(first / "out" / "samples.npz") as two:
     np.testing.assert_array_equal(two["seeds"], single["seeds"])
     np.testing.assert_allclose(two["samples"], single["samples"], atol=1e-5, rtol=0)
-  written = sorted(os.listdir(second))  # process 1's relative --outdir should hold nothing
-  if written:
-    pytest.xfail(f"process 1 also wrote {written}: runs.sample_run writes on every process")
+    interrupted = {"seeds": two["seeds"][:2], "samples": two["samples"][:2]}
+    uninterrupted = two["samples"]
+  assert os.listdir(second) == []  # only process 0 writes: process 1's relative --outdir stays empty
+
+  # An interrupted run left 2 of the 4 samples, in process 0's folder only: process 0 tells process 1
+  # which seeds are missing, and both sample the one batch left.
+  np.savez(first / "out" / "samples.npz", **interrupted)
+  multihost = [*_SAMPLE, digits, "--multihost", "--devices=all"]
+  runs = run_processes(multihost, num_processes=2, cwd=[first, second])
+  assert "resuming: 2/4" in runs[0].stderr and "| 1/1 [" in _final_bar(runs[0].stderr)
+  assert "wrote 4 samples" in runs[0].stdout
+  for text in ("resuming", "compiling", "sampling", "wrote"):  # only process 0 reports
+    assert text not in runs[1].stdout + runs[1].stderr
+  with np.load(first / "out" / "samples.npz") as resumed:
+    np.testing.assert_allclose(resumed["samples"], uninterrupted, atol=1e-6, rtol=0)
+  assert os.listdir(second) == []
+
+  # A folder of another configuration: process 0 refuses it and tells process 1, which stops too
+  # (unless `run_processes` killed it first, once process 0 had exited) instead of waiting for
+  # process 0 in the sampler's collectives.
+  runs = run_processes([*multihost, "--steps=5"], num_processes=2, cwd=[first, second], check=False)
+  assert runs[0].returncode == 2
+  assert "holds a run with a different configuration" in runs[0].stderr.strip().splitlines()[-1]
+  if runs[1].returncode != -signal.SIGKILL:
+    assert runs[1].returncode == 2
+    assert runs[1].stderr.strip().splitlines()[-1] == (
+        "error: process 0 refused --outdir=out (see its error)")
+  assert os.listdir(second) == []
 
 
 _EVALUATE = python(os.path.join(REPO, "bin", "evaluate"), "--denoisers=empirical,pspc_square",

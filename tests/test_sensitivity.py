@@ -1,5 +1,6 @@
 """Sensitivity maps (Eq. 8): Jacobian sums, the Fig. 3 capture statistic, files, bin/sensitivity."""
 
+import io
 import json
 import os
 import subprocess
@@ -10,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pspc_jax import empirical_denoise, gaussian_denoise, gaussian_stats
+from pspc_jax import empirical_denoise, gaussian_denoise, gaussian_stats, maps_files
 from pspc_jax import sensitivity as sens
+from pspc_jax.denoisers.flex import SensitivityMaps
 from pspc_jax.forward_process import forward_samples
-from pspc_jax.sensitivity import SensitivityMaps
+from pspc_jax.jobs import sensitivity as sensitivity_job
+from pspc_jax.progress import TerminalProgress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,15 +114,25 @@ def test_forward_samples_are_reproducible_and_batch_independent():
 def test_sensitivity_maps_over_sigmas_with_progress():
   shape = (4, 4, 1)
   stats, denoise = _gaussian(shape)
-  seen = []
+  progress = TerminalProgress(io.StringIO())
   result = sens.sensitivity_maps(denoise, _data(5, shape), [1.0, 0.1, 10.0], num_z=2,
-                                 progress=lambda k, n, s, m: seen.append((k, n, s, m.shape)))
-  assert seen == [(1, 3, 1.0, (4, 4, 4, 4)), (2, 3, 0.1, (4, 4, 4, 4)), (3, 3, 10.0, (4, 4, 4, 4))]
+                                 progress=progress)
   assert result.maps.shape == (3, 4, 4, 4, 4) and result.sigmas.tolist() == [1.0, 0.1, 10.0]
+  np.testing.assert_array_equal(result.maps[1], sens.sensitivity_map(denoise, _data(5, shape), 0.1,
+                                                                     num_z=2))
+  # Compiled once, as its own phase before the bar over σ.
+  text = progress.file.getvalue()
+  assert text.count("compiling sensitivity step…") == 1
+  assert text.index("compiling sensitivity step:") < text.index("sensitivity maps: 100%")
+  assert "3/3" in text
   # The Gaussian denoiser shrinks more at large σ.
   assert result.maps[2].sum() < result.maps[0].sum() < result.maps[1].sum()
+  refused = TerminalProgress(io.StringIO())
   with pytest.raises(ValueError, match="positive"):
-    sens.sensitivity_maps(denoise, _data(5, shape), [0.0], num_z=1)
+    sens.sensitivity_maps(denoise, _data(5, shape), [1.0, 0.0], num_z=1, progress=refused)
+  with pytest.raises(ValueError, match="positive"):
+    sens.sensitivity_map(denoise, _data(5, shape), np.inf, num_z=1, progress=refused)
+  assert refused.file.getvalue() == ""  # refused before compiling
   with pytest.raises(ValueError, match="num_z"):
     sens.sensitivity_maps(denoise, _data(5, shape), [1.0], num_z=0)
 
@@ -133,17 +146,17 @@ def _maps(num_sigmas=2, shape=(3, 4), seed=0):
 def test_save_load_round_trip(tmp_path):
   maps = _maps()
   path = tmp_path / "sub" / "maps.npz"
-  sens.save_maps(path, maps, {"denoiser": "gaussian", "num_z": 4})
-  loaded = sens.load_maps(path)
+  maps_files.save_maps(path, maps, {"denoiser": "gaussian", "num_z": 4})
+  loaded = maps_files.load_maps(path)
   np.testing.assert_array_equal(loaded.maps, maps.maps)
   np.testing.assert_array_equal(loaded.sigmas, maps.sigmas)
   assert loaded.maps.dtype == np.float32 and loaded.sigmas.dtype == np.float64
-  assert sens.load_maps_meta(path) == {"denoiser": "gaussian", "num_z": 4}
+  assert maps_files.load_maps_meta(path) == {"denoiser": "gaussian", "num_z": 4}
   with np.load(path) as f:
     assert sorted(f.files) == ["maps", "meta", "sigmas"]
     assert json.loads(str(f["meta"]))["num_z"] == 4
-  sens.save_maps(path, maps)
-  assert sens.load_maps_meta(path) == {}
+  maps_files.save_maps(path, maps)
+  assert maps_files.load_maps_meta(path) == {}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -162,32 +175,32 @@ def test_load_rejects_bad_files(tmp_path, change, message):
   path = tmp_path / "bad.npz"
   np.savez(path, sigmas=sigmas, maps=arrays, meta=np.array("{}"))
   with pytest.raises(ValueError, match=message):
-    sens.load_maps(path)
+    maps_files.load_maps(path)
   with pytest.raises(ValueError, match=message):
-    sens.save_maps(tmp_path / "other.npz", SensitivityMaps(sigmas, arrays))
+    maps_files.save_maps(tmp_path / "other.npz", SensitivityMaps(sigmas, arrays))
 
 
 def test_load_rejects_missing_arrays_and_unreadable_files(tmp_path):
   np.savez(tmp_path / "a.npz", sigmas=np.ones(2))
   with pytest.raises(ValueError, match="missing maps"):
-    sens.load_maps(tmp_path / "a.npz")
+    maps_files.load_maps(tmp_path / "a.npz")
   (tmp_path / "b.npz").write_text("not a zip")
   with pytest.raises(ValueError, match="b.npz: not a sensitivity-maps file"):
-    sens.load_maps(tmp_path / "b.npz")
+    maps_files.load_maps(tmp_path / "b.npz")
   with pytest.raises(ValueError, match="JSON"):
-    sens.save_maps(tmp_path / "c.npz", _maps(), {"bad": object()})
+    maps_files.save_maps(tmp_path / "c.npz", _maps(), {"bad": object()})
 
 
 @pytest.mark.parametrize("content", [b"# README\n\nplain text\n", b""])
 def test_files_that_are_not_maps_are_named_as_such_without_pickle_advice(tmp_path, content):
   path = tmp_path / "README.md"
   path.write_bytes(content)
-  for read in (sens.load_maps, sens.load_maps_meta):
+  for read in (maps_files.load_maps, maps_files.load_maps_meta):
     with pytest.raises(ValueError, match="README.md: not a sensitivity-maps file") as err:
       read(path)
     assert "pickle" not in str(err.value)
   with pytest.raises(ValueError, match="none.npz: no such sensitivity-maps file"):
-    sens.load_maps(tmp_path / "none.npz")
+    maps_files.load_maps(tmp_path / "none.npz")
 
 
 def _edm_grid(num_steps):
@@ -199,16 +212,16 @@ def _edm_grid(num_steps):
 def test_official_release_npy_is_read_on_the_edm_grid(tmp_path):
   maps = np.random.default_rng(0).random((18, 3, 4, 3, 4)).astype(np.float32)
   np.save(tmp_path / "maps.npy", maps)
-  loaded = sens.load_maps(tmp_path / "maps.npy")
+  loaded = maps_files.load_maps(tmp_path / "maps.npy")
   np.testing.assert_allclose(loaded.sigmas, _edm_grid(18), rtol=1e-6)  # float32-rounded grid
   np.testing.assert_array_equal(loaded.maps, maps)
-  assert sens.load_maps_meta(tmp_path / "maps.npy") == {}
+  assert maps_files.load_maps_meta(tmp_path / "maps.npy") == {}
   np.save(tmp_path / "flat.npy", maps.reshape(18, 12, 12))
   with pytest.raises(ValueError, match=r"official layout \(L, H, W, H, W\), got shape \[18, 12, 12\]"):
-    sens.load_maps(tmp_path / "flat.npy")
+    maps_files.load_maps(tmp_path / "flat.npy")
   np.save(tmp_path / "negative.npy", -maps)
   with pytest.raises(ValueError, match="negative"):
-    sens.load_maps(tmp_path / "negative.npy")
+    maps_files.load_maps(tmp_path / "negative.npy")
 
 
 def test_bin_sample_with_official_release_maps(tmp_path):
@@ -297,13 +310,14 @@ def test_bin_sensitivity_end_to_end_and_resume(tmp_path):
   args = ["--denoiser=gaussian", "--sigmas=2,0.05", "--num_z=2", "--pixels=4,4;0,7", f"--out={out}"]
   first = run_tool(*args)
   assert first.returncode == 0, first.stderr
-  assert "sigma 2/2 = 0.05" in first.stdout
+  assert "compiling sensitivity step" in first.stderr and "2/2" in first.stderr
+  assert "(2 noise levels computed, 0 reused)" in first.stdout
   for name in ("maps.npz", "maps_heatmaps.png", "maps_capture.png", "maps_capture.json"):
     assert (tmp_path / "s" / name).stat().st_size > 0
   assert not (tmp_path / "s" / "maps_parts").exists()
-  maps = sens.load_maps(out)
+  maps = maps_files.load_maps(out)
   assert maps.maps.shape == (2, 8, 8, 8, 8) and maps.sigmas.tolist() == [2.0, 0.05]
-  meta = sens.load_maps_meta(out)
+  meta = maps_files.load_maps_meta(out)
   assert meta["denoiser"] == "gaussian" and meta["num_z"] == 2 and meta["dataset"] == "digits"
   capture = json.loads((tmp_path / "s" / "maps_capture.json").read_text())
   assert np.asarray(capture["sides"]).shape == (2, 3)
@@ -311,13 +325,14 @@ def test_bin_sensitivity_end_to_end_and_resume(tmp_path):
   # Interrupted after the first σ: only its part file exists. The rerun computes only the second σ
   # and reproduces the uninterrupted result.
   parts = tmp_path / "s" / "maps_parts"
-  sens.save_maps(sens._part_path(str(parts), 2.0), SensitivityMaps(maps.sigmas[:1], maps.maps[:1]),
-                 meta)
+  maps_files.save_maps(sensitivity_job.part_path(str(parts), 2.0),
+                       SensitivityMaps(maps.sigmas[:1], maps.maps[:1]), meta)
   out.unlink()
   second = run_tool(*args)
   assert second.returncode == 0, second.stderr
-  assert "resuming: 1/2" in second.stdout and "sigma 1/1 = 0.05" in second.stdout
-  np.testing.assert_allclose(sens.load_maps(out).maps, maps.maps, rtol=1e-6)
+  assert "resuming: 1/2" in second.stderr and "2/2" in second.stderr
+  assert "(1 noise levels computed, 1 reused)" in second.stdout
+  np.testing.assert_allclose(maps_files.load_maps(out).maps, maps.maps, rtol=1e-6)
 
   # A different configuration is refused with one line on stderr.
   third = run_tool(*args[:-3], "--num_z=3", f"--out={out}")

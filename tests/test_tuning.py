@@ -1,6 +1,8 @@
-"""Schedule tuning (pspc_jax.tuning, bin/tune_schedule): known answers, files, resumption, CLI."""
+"""Schedule tuning (pspc_jax.tuning, pspc_jax.jobs.tune, bin/tune_schedule): known answers, files,
+resumption, CLI."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -12,10 +14,12 @@ import numpy as np
 import pytest
 
 from pspc_jax import schedules, tuning
+from pspc_jax.denoisers.flex import SensitivityMaps
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
+from pspc_jax.jobs.tune import tune_run
+from pspc_jax.progress import TerminalProgress
 from pspc_jax.sampling import latents_from_seeds, sample
-from pspc_jax.sensitivity import SensitivityMaps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE = 6
@@ -107,7 +111,7 @@ def run_tuner(tmp_path, name, data, reference, sigmas, **kwargs):
   options = dict(outdir=str(tmp_path / name), config={"reference": "test"}, num_z=6, seed=0,
                  batch_size=4)
   options.update(kwargs)
-  return tuning.tune_run(data, reference, sigmas, **options)
+  return tune_run(data, reference, sigmas, **options)
 
 
 def test_written_files_parse_back_to_the_chosen_values(tmp_path):
@@ -161,7 +165,7 @@ def counting(monkeypatch, name, stop_after=None):
 
 
 @pytest.mark.parametrize("z_source", ["forward", "reverse"])
-def test_resume_recomputes_nothing_finished(tmp_path, monkeypatch, capsys, z_source):
+def test_resume_recomputes_nothing_finished(tmp_path, monkeypatch, z_source):
   data = tiny_data()
   reference = make_denoiser("empirical", jnp.asarray(data))
   sigmas = [80.0, 2.0, 0.5]
@@ -171,20 +175,30 @@ def test_resume_recomputes_nothing_finished(tmp_path, monkeypatch, capsys, z_sou
 
   # Interrupted during the third σ (two evaluations per σ: square and flex).
   with monkeypatch.context() as patch:
-    counting(patch, "evaluate_sigma", stop_after=4)
+    counting(patch, "evaluate_candidates", stop_after=4)
     with pytest.raises(Interrupt):
       run_tuner(tmp_path, "cut", data, reference, sigmas, **kwargs)
   parts = sorted(os.listdir(tmp_path / "cut" / "parts"))
   assert len([p for p in parts if p.startswith("sigma_")]) == 2
   assert ("reverse_z.npz" in parts) == (z_source == "reverse")
 
-  capsys.readouterr()
+  progress = TerminalProgress(io.StringIO())
   with monkeypatch.context() as patch:
-    evaluations = counting(patch, "evaluate_sigma")
+    evaluations = counting(patch, "evaluate_candidates")
     trajectories = counting(patch, "reverse_set")
-    resumed = run_tuner(tmp_path, "cut", data, reference, sigmas, **kwargs)
+    resumed = run_tuner(tmp_path, "cut", data, reference, sigmas, progress=progress, **kwargs)
   assert len(evaluations) == 2 and not trajectories
-  assert "resuming: 2/3" in capsys.readouterr().out
+  text = progress.file.getvalue()
+  assert "resuming: 2/3" in text
+  assert ("resuming: the reverse-process set" in text) == (z_source == "reverse")
+  # What every σ runs is compiled once, before the bar over σ.
+  compiled = ["PSPC-Square s=3", "PSPC-Square s=5", "PSPC-Square s=6", "PSPC-Flex (traced masks)"]
+  if z_source == "forward":
+    compiled.append("reference")
+  for label in compiled:
+    assert text.count(f"compiling {label}…") == 1, text
+    assert text.index(f"compiling {label}:") < text.index("tuning:"), text
+  assert "3/3" in text and "σ = 0.5: size" in text
   assert resumed["computed"] == 1 and resumed["reused"] == 2
   for kind in ("square", "flex"):
     np.testing.assert_allclose(resumed["surfaces"][kind].mse, whole["surfaces"][kind].mse,
@@ -193,7 +207,7 @@ def test_resume_recomputes_nothing_finished(tmp_path, monkeypatch, capsys, z_sou
 
   # A finished run is reused whole; another configuration is refused.
   with monkeypatch.context() as patch:
-    evaluations = counting(patch, "evaluate_sigma")
+    evaluations = counting(patch, "evaluate_candidates")
     again = run_tuner(tmp_path, "cut", data, reference, sigmas, **kwargs)
   assert not evaluations and again["reused"] == 3
   assert again["schedules"] == whole["schedules"]
@@ -232,7 +246,10 @@ def test_bin_tune_schedule_end_to_end_on_digits(tmp_path):
           "--lambdas=0.4,1", f"--outdir={out}"]
   first = run_tool(*args)
   assert first.returncode == 0, first.stderr
-  assert "sigma 2/2 = 0.05" in first.stdout and "--patch_schedule=" in first.stdout
+  assert "--patch_schedule=" in first.stdout
+  assert "(2 noise levels computed, 0 reused)" in first.stdout
+  assert "compiling PSPC-Square s=8" in first.stderr and "2/2" in first.stderr
+  assert "σ = 0.05: size" in first.stderr
   for name in ("patch_schedule.json", "thresholds.json", "errors.json", "errors.csv",
                "tune_schedule.png"):
     assert (out / name).stat().st_size > 0

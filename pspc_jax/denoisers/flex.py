@@ -24,7 +24,7 @@ one of two mask forms:
 
 Sensitivity maps are arrays here, (H, W, H, W) per σ with maps[h, w] the map of output pixel (h, w), or
 (S, H, W, H, W) on a grid of S noise levels for the scheduled denoiser (`make_flex_denoiser`); reading
-them from a file is left to `pspc_jax.sensitivity`.
+them from a file is left to `pspc_jax.maps_files`.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def _pspc_square(data, *, patch_schedule: schedules.SigmaSchedule | int | str = 
 def _pspc_flex(data, *, maps: SensitivityMaps | None = None,
                thresholds: schedules.SigmaSchedule | float | str = "cifar10",
                chunk_size: int | None = None, method: str = "auto") -> Denoiser:
-  """`maps`: the `SensitivityMaps` (read a file with `pspc_jax.sensitivity.load_maps`); each sample
+  """`maps`: the `SensitivityMaps` (read a file with `pspc_jax.maps_files.load_maps`); each sample
   uses the maps of the nearest σ in log σ. `thresholds`: a λ SigmaSchedule, one number, or a spec for
   `schedules.parse_threshold_schedule` (default: the paper's CIFAR-10 values)."""
   if not isinstance(maps, SensitivityMaps):
