@@ -141,7 +141,7 @@ def load_dataset_from_flags() -> data_lib.Dataset:
   if dataset.image_shape[-1] not in (1, 3):
     raise ValueError(f"{f.dataset}: images have {dataset.image_shape[-1]} channels; "
                      "only 1 (grayscale) or 3 (RGB) are supported")
-  print(f"dataset {dataset.name}: {dataset.num_images} images of {dataset.image_shape}", flush=True)
+  multihost.main_print(f"dataset {dataset.name}: {dataset.num_images} images of {dataset.image_shape}")
   return dataset
 
 

@@ -138,23 +138,3 @@ def test_bin_sample_on_2_processes_equals_1_process_and_resumes(tmp_path, digits
         "error: process 0 refused --outdir=out (see its error)")
   assert os.listdir(second) == []
 
-
-_EVALUATE = python(os.path.join(REPO, "bin", "evaluate"), "--denoisers=empirical,pspc_square",
-                   "--sets=forward", "--sigmas=0.5,2", "--count=4", "--batch=4", "--outdir=out")
-
-
-def _rows(folder):
-  with open(folder / "out" / "mse.json") as f:
-    rows = json.load(f)
-  keys = [{k: v for k, v in row.items() if k != "mse"} for row in rows]
-  return keys, [row["mse"] for row in rows]
-
-
-@pytest.mark.skip(reason="bin/evaluate has no --multihost yet (issue 11, item 5)")
-def test_bin_evaluate_on_2_processes_equals_1_process(tmp_path, digits):
-  one, first, second = _run_on_1_and_2_processes([*_EVALUATE, digits], tmp_path)
-  assert os.listdir(second) == []
-  keys_one, mse_one = _rows(one)
-  keys_two, mse_two = _rows(first)
-  assert keys_two == keys_one
-  np.testing.assert_allclose(mse_two, mse_one, rtol=1e-5)
