@@ -12,7 +12,7 @@ Public API (all array functions are pure and `jax.jit`-compatible):
   SigmaSchedule, cifar10_patch_schedule, ...    σ → patch size schedules
   Denoiser, EmpiricalDenoiser, ...              denoisers as pytree values (pass them into jax.jit)
   make_denoiser, register, available_denoisers  denoiser values by name
-  build_denoiser                                the same from file options (heatmaps, checkpoint), sharded
+  build_denoiser                                the same from file options (maps file, checkpoint), sharded
   make_mesh, shard, shard_dataset               a denoiser's dataset sharded over devices/hosts (shard_map)
   sensitivity_maps, SensitivityMaps, ...        gradient sensitivity maps (Eq. 8), Fig. 3 sides
   load_maps, save_maps                          sensitivity-maps files (pspc_jax.maps_files)

@@ -23,7 +23,7 @@ flags.disclaim_key_flags()
 _FLAG_OPTIONS = {
     "pspc_square": ("patch_schedule",),
     "els": ("patch_schedule",),
-    "pspc_flex": ("heatmaps", "thresholds"),
+    "pspc_flex": ("maps", "thresholds"),
     "cfdm": ("smoothing",),
     "gaussian": ("rank",),
     "network": ("checkpoint",),
@@ -55,10 +55,11 @@ def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one o
                       "to the image side; els: made odd, full image → 2·side−1), 'cifar10', an "
                       "integer, a comma list on the EDM grid, 'sigma:size' pairs or a JSON file "
                       "(bin/attribute: also the PSPC-Square patch sizes of the attribution)", **fv)
-  flags.DEFINE_string("heatmaps", None,
-                      "pspc_flex: sensitivity maps, an .npz of bin/sensitivity or the official "
+  flags.DEFINE_string("maps", None,
+                      "pspc_flex: a sensitivity-maps file, an .npz of bin/sensitivity or the official "
                       "release's .npy (L, H, W, H, W) on the L-step EDM grid; each σ uses the nearest "
-                      "map σ", **fv)
+                      "map σ (--heatmaps, the official release's flag name, is an alias)", **fv)
+  flags.DEFINE_alias("heatmaps", "maps", flag_values=flag_values)
   flags.DEFINE_string("thresholds", "cifar10",
                       "pspc_flex: mass thresholds λ(σ) in (0, 1]: 'cifar10' (the paper's), a number, "
                       "a comma list on the EDM grid, 'sigma:value' pairs or a JSON file", **fv)

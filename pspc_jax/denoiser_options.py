@@ -1,13 +1,14 @@
 """Denoisers from option dicts that name files: the bridge from the command line to denoiser values.
 
 The denoisers take values (`registry.make_denoiser`); the tools' options name files
-(`heatmaps`: a sensitivity-maps file, `checkpoint`: a network checkpoint). `build_denoiser` reads the
+(`maps`: a sensitivity-maps file, `checkpoint`: a network checkpoint). `build_denoiser` reads the
 files and builds the value, so a job's JSON-serialisable configuration keeps the file names while the
 compiled programs receive arrays.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pspc_jax import distributed
@@ -15,13 +16,13 @@ from pspc_jax.denoisers import values
 from pspc_jax.denoisers.registry import make_denoiser
 
 def _read_file_options(options: dict, image_shape) -> dict:
-  """`options` with `heatmaps` → `maps` and `checkpoint` → `module`, `params`, `sigma_data`."""
+  """`options` with a `maps` path read into `SensitivityMaps` and `checkpoint` → `module`, `params`,
+  `sigma_data`."""
   options = dict(options)
-  heatmaps = options.pop("heatmaps", None)
-  if heatmaps:
+  if isinstance(options.get("maps"), (str, os.PathLike)):
     from pspc_jax.maps_files import load_maps
 
-    options["maps"] = load_maps(heatmaps)
+    options["maps"] = load_maps(options["maps"])
   checkpoint = options.pop("checkpoint", None)
   if checkpoint:
     from pspc_jax.checkpoints import load_network  # orbax is imported only for networks
@@ -33,7 +34,7 @@ def _read_file_options(options: dict, image_shape) -> dict:
 
 def build_denoiser(name: str, data, *, mesh=None, shard_if_possible: bool = False,
                    **options: Any) -> values.Denoiser:
-  """The registry denoiser `name` over `data`, with file options read (`heatmaps`, `checkpoint`).
+  """The registry denoiser `name` over `data`, with file options read (`maps`, `checkpoint`).
 
   Args:
     name: a registry name (`registry.available_denoisers`).
@@ -41,8 +42,8 @@ def build_denoiser(name: str, data, *, mesh=None, shard_if_possible: bool = Fals
     mesh: shard the dataset over this device mesh (`distributed.shard`); None: one device.
     shard_if_possible: with a mesh, leave denoisers that hold no dataset (gaussian, network, ...) on
       one device instead of raising.
-    **options: builder options (`registry.make_denoiser`); `heatmaps` (a maps file,
-      `maps_files.load_maps`) and `checkpoint` (a network checkpoint, `checkpoints.load_network`) are
+    **options: builder options (`registry.make_denoiser`); `maps` given as a path (a
+      sensitivity-maps file, `maps_files.load_maps`) and `checkpoint` (a network checkpoint, `checkpoints.load_network`) are
       read here; None entries are dropped.
 
   Raises:

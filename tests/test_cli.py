@@ -119,11 +119,16 @@ def test_denoiser_options_from_the_shared_flags():
   assert cli.denoiser_options("gaussian", flag_values) == {"rank": 3}
   assert cli.denoiser_options("pspc_square", flag_values) == {"patch_schedule": "auto"}
   assert cli.denoiser_options("els", flag_values) == {"patch_schedule": "auto"}
-  assert cli.denoiser_options("pspc_flex", flag_values) == {"heatmaps": "maps.npz",
+  assert cli.denoiser_options("pspc_flex", flag_values) == {"maps": "maps.npz",
                                                             "thresholds": "0.5"}
   assert cli.denoiser_options("cfdm", flag_values) == {"smoothing": 0.1}
   assert cli.denoiser_options("network", flag_values) == {"checkpoint": None}
   assert cli.denoiser_options("empirical", flag_values) == {}
+  # --heatmaps (the official release's flag name) is an alias of --maps.
+  by_name = flags.FlagValues()
+  cli.define_denoiser_flags(flag_values=by_name)
+  by_name(["prog", "--maps=maps.npz"])
+  assert cli.denoiser_options("pspc_flex", by_name)["maps"] == "maps.npz"
   with pytest.raises(ValueError, match="unknown --denoiser='magic'; choose one of"):
     cli.denoiser_options("magic", flag_values)
   # Every option is a keyword its builder takes, with the builder's default as the flag default.
@@ -134,7 +139,7 @@ def test_denoiser_options_from_the_shared_flags():
   for name in registry.available_denoisers():
     parameters = inspect.signature(registry._BUILDERS[name]).parameters
     for option, value in cli.denoiser_options(name, defaults).items():
-      if option in ("heatmaps", "checkpoint"):  # files: read by build_denoiser into maps / params
+      if option in ("maps", "checkpoint"):  # files: read by build_denoiser into maps / params
         continue
       assert parameters[option].default == value, (name, option)
 

@@ -94,7 +94,7 @@ def _worker(out_path):
       "square3": ("pspc_square", {"patch_schedule": 3, "chunk_size": 3}),
       "square5_cached": ("pspc_square", {"patch_schedule": 5, "chunk_size": 3}),
       "square_scheduled": ("pspc_square", {"patch_schedule": schedule}),
-      "flex_registry": ("pspc_flex", {"heatmaps": maps_file, "thresholds": thresholds,
+      "flex_registry": ("pspc_flex", {"maps": maps_file, "thresholds": thresholds,
                                       "chunk_size": 4}),
   }
 

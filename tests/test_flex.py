@@ -256,18 +256,18 @@ def test_registry_builds_from_maps_file(tmp_path):
   sigmas, maps = write_maps(tmp_path / "maps.npz", 6, 5)
   query_sigmas = np.array([0.9, 0.02, 60.0], np.float32)
   z, data = make_problem(6, 5, 3, num=30, batch=3, sigma=query_sigmas)
-  denoise = pj.build_denoiser("pspc_flex", data, heatmaps=str(tmp_path / "maps.npz"),
+  denoise = pj.build_denoiser("pspc_flex", data, maps=str(tmp_path / "maps.npz"),
                              thresholds="80:1,1:0.5,0.01:0.4")
   got = jax.jit(denoise)(z, jnp.asarray(query_sigmas))
   for b, (k, lam) in enumerate([(1, 0.5), (2, 0.4), (0, 1.0)]):
     expected = flex_fn(maps[k], lam)(z[b:b + 1], float(query_sigmas[b]), data)
     np.testing.assert_allclose(got[b:b + 1], expected, atol=1e-5)
   # A plain number is one λ at every σ (the default, the CIFAR-10 schedule, runs in the CLI test).
-  constant = pj.build_denoiser("pspc_flex", data, heatmaps=str(tmp_path / "maps.npz"), thresholds=0.5)
+  constant = pj.build_denoiser("pspc_flex", data, maps=str(tmp_path / "maps.npz"), thresholds=0.5)
   np.testing.assert_allclose(jax.jit(constant)(z[:1], 0.9), flex_fn(maps[1], 0.5)(z[:1], 0.9, data),
                              atol=1e-6)
   with pytest.raises(ValueError, match=r"maps must have shape \(S, H, W, H, W\)"):
-    pj.build_denoiser("pspc_flex", data[:, :5], heatmaps=str(tmp_path / "maps.npz"))
+    pj.build_denoiser("pspc_flex", data[:, :5], maps=str(tmp_path / "maps.npz"))
 
 
 def run_tool(tool, *args):

@@ -27,7 +27,7 @@ SIGMAS = (0.0, 1e-6, 1e-3, 0.002, 0.05, 1.0, 80.0, 1e4)
 KINDS = {"near": None, "x + 100ε": (100.0, 0.0), "x + 100": (1.0, 100.0),
          "x - 100": (1.0, -100.0), "x + 1e4": (1.0, 1e4), "x - 1e4": (1.0, -1e4)}
 NETWORK = "checkpoints/digits_ddpmpp_small"
-OPTIONS = {"pspc_flex": dict(heatmaps="checkpoints/digits_ddpmpp_small_maps.npz"),
+OPTIONS = {"pspc_flex": dict(maps="checkpoints/digits_ddpmpp_small_maps.npz"),
            "network": dict(checkpoint=NETWORK)}
 
 

@@ -21,7 +21,7 @@ from reference import empirical_reference, to_float64
 
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 MAPS_FILE = os.path.join(CHECKPOINTS, "digits_ddpmpp_small_maps.npz")
-OPTIONS = {"pspc_flex": dict(heatmaps=MAPS_FILE),
+OPTIONS = {"pspc_flex": dict(maps=MAPS_FILE),
            "network": dict(checkpoint=os.path.join(CHECKPOINTS, "digits_ddpmpp_small")),
            "els": dict(patch_schedule=3), "cfdm": dict(num_noise=2)}
 BAD_SIGMAS = (-1.0, float("nan"), float("inf"), -float("inf"))
@@ -86,7 +86,7 @@ def test_traced_bad_sigma_gives_nan_for_its_sample_only(name, tmp_path):
   if name == "pspc_flex":  # two maps and one λ: two branches to compile instead of a dozen
     full = pj.load_maps(MAPS_FILE)
     pj.save_maps(tmp_path / "maps.npz", pj.SensitivityMaps(full.sigmas[[0, 11]], full.maps[[0, 11]]))
-    denoise = pj.build_denoiser(name, digits(), heatmaps=str(tmp_path / "maps.npz"), thresholds=0.5)
+    denoise = pj.build_denoiser(name, digits(), maps=str(tmp_path / "maps.npz"), thresholds=0.5)
   else:
     denoise = registry_denoiser(name)
   run = jax.jit(denoise)
@@ -316,7 +316,7 @@ def test_flex_threshold_outside_unit_interval_raises(threshold):
   with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
     pj.pspc_flex_denoise(queries(), 0.5, digits(), maps(), threshold)
   with pytest.raises(ValueError, match=r"threshold .*outside \(0, 1\]"):
-    pj.build_denoiser("pspc_flex", digits(), heatmaps=MAPS_FILE, thresholds=threshold)
+    pj.build_denoiser("pspc_flex", digits(), maps=MAPS_FILE, thresholds=threshold)
 
 
 # --- empty batches ---------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def _pspc_flex(data, *, maps: SensitivityMaps | None = None,
   `schedules.parse_threshold_schedule` (default: the paper's CIFAR-10 values)."""
   if not isinstance(maps, SensitivityMaps):
     raise ValueError("the pspc_flex denoiser needs sensitivity maps: maps=SensitivityMaps "
-                     "(pspc_jax.load_maps(path) reads a file; --heatmaps=FILE at the command line), "
+                     "(pspc_jax.load_maps(path) reads a file; --maps=FILE at the command line), "
                      f"got {type(maps).__name__}")
   return values.make_flex_denoiser(data, maps.sigmas, maps.maps, thresholds, chunk_size=chunk_size,
                                    method=method)

@@ -294,9 +294,10 @@ def run_benchmark(config: BenchmarkConfig, *, progress: Progress = SILENT,
   cases = case_list(config, images)
   dtype = config.data_dtypes[0]
   sample_chunk = chunk_rows(config, config.sample_batch, images)
+  # In SAMPLERS order: the empirical sampler, the reference of the ratios, first.
   samplers = [SamplerResult(d, dtype, config.sample_batch, config.steps, 2 * config.steps - 1,
                             chunk_size=sample_chunk)
-              for d in (config.samplers if config.timing else ())]
+              for d in SAMPLERS if d in config.samplers and config.timing]
   result = BenchmarkResult(config=dataclasses.asdict(config), machine=bm.machine_info(),
                            dataset={"name": name, "num_images": int(images.shape[0]),
                                     "image_shape": [int(v) for v in images.shape[1:]],
@@ -323,18 +324,18 @@ def run_benchmark(config: BenchmarkConfig, *, progress: Progress = SILENT,
 
 def _time_cases(config, images, data_dtype, cases, shared, progress, save, bar) -> None:
   """Times the per-call cases of one dtype and their ratios to its `empirical` case."""
-  data = jnp.asarray(bm.as_data_dtype(images, data_dtype))
   mine = [case for case in cases if case.data_dtype == data_dtype]
+  if not mine:
+    return
+  data = jnp.asarray(bm.as_data_dtype(images, data_dtype))
+  reference = mine[0] if mine[0].denoiser == "empirical" else None  # `case_list` puts it first
   flex_outputs = {}
   for case in mine:
     _time_case(config, images, data, case, shared, flex_outputs, progress)
+    if reference is not None:
+      case.ratio_to_empirical = case.seconds / reference.seconds
     save()
     bar.update()
-  empirical = [c.seconds for c in mine if c.denoiser == "empirical"]
-  if empirical:
-    for case in mine:
-      case.ratio_to_empirical = case.seconds / empirical[0]
-  save()
 
 
 def _time_case(config, images, data, case, shared, flex_outputs, progress) -> None:
@@ -407,6 +408,7 @@ def _time_samplers(config, images, samplers, progress, save, bar) -> None:
   latents = latents_from_seeds(jnp.arange(config.sample_batch), images.shape[1:])
   sigmas = edm_sigmas(config.steps)
   run = jax.jit(lambda denoiser, latents: sample(denoiser, latents, sigmas, solver="heun"))
+  reference = samplers[0] if samplers[0].denoiser == "empirical" else None
   for result in samplers:
     denoiser = sampler_denoiser(config, result.denoiser, data, result.chunk_size)
     label = f"{result.denoiser} sampler ({config.steps}-step Heun, B={config.sample_batch})"
@@ -416,14 +418,12 @@ def _time_samplers(config, images, samplers, progress, save, bar) -> None:
     result.seconds = min(result.all_seconds)
     result.seconds_per_call = result.seconds / result.calls
     result.note = _SAMPLER_NOTES[result.denoiser].format(radius=config.flex_radius)
+    if reference is not None:
+      result.ratio_to_empirical = result.seconds / reference.seconds
     progress.note(f"{label}: {result.seconds:.2f} s ({result.seconds_per_call:.4f} s per call, "
                   f"compile {result.compile_seconds:.2f} s)")
     save()
     bar.update()
-  empirical = [s.seconds for s in samplers if s.denoiser == "empirical"]
-  if empirical:
-    for result in samplers:
-      result.ratio_to_empirical = result.seconds / empirical[0]
 
 
 def _seconds(compiled, *args) -> float:
