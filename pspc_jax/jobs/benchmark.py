@@ -481,7 +481,7 @@ def _label(case: CaseResult) -> str:
 # Columns of the per-call table; those marked optional are left out when no row has a value.
 _CASE_COLUMNS = (("data", False), ("denoiser", False), ("s", False), ("sigma", False),
                  ("lambda", True), ("path", True), ("time/call (s)", False), ("compile (s)", False),
-                 ("x empirical", False), ("scratch (MB)", True), ("speed-up vs loop", True),
+                 ("setup (s)", True), ("x empirical", False), ("scratch (MB)", True), ("speed-up vs loop", True),
                  ("peak RSS (MB)", True), ("device peak (MB)", True), ("note", True))
 _SAMPLER_COLUMNS = (("sampler", False), ("data", False), ("B", False), ("steps", False),
                     ("calls", False), ("time (s)", False), ("compile (s)", False),
@@ -500,7 +500,8 @@ def format_table(result: BenchmarkResult) -> str:
            f"reported), chunk rows {_fmt_chunk(result.cases)}"]
   rows = [(x.data_dtype, x.denoiser, "-" if x.patch_size is None else str(x.patch_size),
            f"{x.sigma:.4g}", _fmt(x.threshold, "g"), x.method or "-", _fmt(x.seconds, ".4f"),
-           _fmt(x.compile_seconds, ".2f"), _fmt(x.ratio_to_empirical, ".2f"),
+           _fmt(x.compile_seconds, ".2f"), _fmt(x.setup_seconds, ".2f"),
+           _fmt(x.ratio_to_empirical, ".2f"),
            _fmt(x.scratch_mb, ".1f"), _fmt(x.speedup_vs_loop, ".1f"), _fmt(x.peak_rss_mb, ".0f"),
            _fmt(x.device_peak_mb, ".0f"), x.note or "-") for x in result.cases]
   if rows:
