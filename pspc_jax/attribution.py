@@ -397,6 +397,29 @@ def dominant_images(indices, weights, count: int) -> np.ndarray:
   return candidates[order[:count]]
 
 
+def figure_images(indices, weights, totals, count: int) -> np.ndarray:
+  """The training images a figure shows for one target, in the order of their share of its weight.
+
+  Picks the `count` images dominating the most weight (`dominant_images`: steps at large σ spread
+  their totals over the whole training set, so the images that win pixels say more), fills up with
+  the largest totals, then orders them by decreasing total share (ties: lower index), the share the
+  figure prints: an image holding 0 % never comes before one holding 1 %.
+
+  Args:
+    indices, weights: (H, W, k) per-pixel top-k of one target.
+    totals: (N,) the target's per-image total shares.
+    count: images returned, at most N.
+
+  Returns:
+    (count,) int training indices.
+  """
+  totals = np.asarray(totals, np.float64)
+  picked = list(dominant_images(indices, weights, count))
+  by_total = [i for i in np.argsort(-totals, kind="stable")[:2 * count] if i not in picked]
+  chosen = np.asarray((picked + by_total)[:count], np.int64)
+  return chosen[np.lexsort((chosen, -totals[chosen]))]
+
+
 def dominance_map(indices, weights, chosen) -> tuple[np.ndarray, np.ndarray]:
   """Which of a few chosen training images dominates each pixel (for figures).
 

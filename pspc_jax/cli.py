@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -29,13 +30,31 @@ _FLAG_OPTIONS = {
     "network": ("checkpoint",),
 }
 
+# The schedule flags' default: the schedule tuned for the --dataset where one ships, else `_GENERIC`.
+DATASET_SCHEDULE = "dataset"
+_GENERIC = {"patch_schedule": "auto", "thresholds": "cifar10"}
+_GENERIC_HELP = {"auto": "the CIFAR-10 schedule rescaled to the image size",
+                 "cifar10": "the paper's CIFAR-10 thresholds"}
+# Tuned schedule files (bin/tune_schedule against the committed network, checkpoints/README.md) by
+# --dataset value: patch sizes for pspc_square (ELS needs odd sizes: it keeps 'auto'), thresholds
+# for pspc_flex with the maps they were tuned with (λ is a share of those maps' mass).
+_CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+_TUNED_FILES = {"digits": {"patch_schedule": os.path.join(_CHECKPOINTS, "digits_schedules",
+                                                          "patch_schedule.json"),
+                           "thresholds": os.path.join(_CHECKPOINTS, "digits_schedules",
+                                                      "thresholds.json"),
+                           "maps": os.path.join(_CHECKPOINTS, "digits_ddpmpp_small_maps.npz")}}
+_TUNED_FOR = {"patch_schedule": "pspc_square", "thresholds": "pspc_flex"}
 
-def define_dataset_flags() -> None:
+
+def define_dataset_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines --dataset, --max_images and --flip (in `flag_values`; tests pass their own)."""
+  fv = {"flag_values": flag_values}
   flags.DEFINE_string("dataset", "digits",
                       "'digits' (embedded, offline), 'cifar10' (cached archive), or a path to an EDM "
-                      "zip/folder, image folder, cifar-10-python.tar.gz, .npz or .npy")
-  flags.DEFINE_integer("max_images", None, "use only the first N training images (before flips)")
-  flags.DEFINE_bool("flip", False, "add horizontal mirrors of every training image")
+                      "zip/folder, image folder, cifar-10-python.tar.gz, .npz or .npy", **fv)
+  flags.DEFINE_integer("max_images", None, "use only the first N training images (before flips)", **fv)
+  flags.DEFINE_bool("flip", False, "add horizontal mirrors of every training image", **fv)
 
 
 def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one of: ", *,
@@ -50,8 +69,10 @@ def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one o
   fv = {"flag_values": flag_values}
   if denoiser is not None:
     flags.DEFINE_string("denoiser", denoiser, f"{help_prefix}{', '.join(available_denoisers())}", **fv)
-  flags.DEFINE_string("patch_schedule", "auto",
-                      "pspc_square and els: patch sizes by σ: 'auto' (the CIFAR-10 schedule rescaled "
+  flags.DEFINE_string("patch_schedule", DATASET_SCHEDULE,
+                      "pspc_square and els: patch sizes by σ: 'dataset' (pspc_square: the schedule "
+                      "tuned for --dataset=digits, checkpoints/digits_schedules/patch_schedule.json; "
+                      "other datasets and els: 'auto'), 'auto' (the CIFAR-10 schedule rescaled "
                       "to the image side; els: made odd, full image → 2·side−1), 'cifar10', an "
                       "integer, a comma list on the EDM grid, 'sigma:size' pairs or a JSON file "
                       "(bin/attribute: also the PSPC-Square patch sizes of the attribution)", **fv)
@@ -60,9 +81,12 @@ def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one o
                       "release's .npy (L, H, W, H, W) on the L-step EDM grid; each σ uses the nearest "
                       "map σ (--heatmaps, the official release's flag name, is an alias)", **fv)
   flags.DEFINE_alias("heatmaps", "maps", flag_values=flag_values)
-  flags.DEFINE_string("thresholds", "cifar10",
-                      "pspc_flex: mass thresholds λ(σ) in (0, 1]: 'cifar10' (the paper's), a number, "
-                      "a comma list on the EDM grid, 'sigma:value' pairs or a JSON file", **fv)
+  flags.DEFINE_string("thresholds", DATASET_SCHEDULE,
+                      "pspc_flex: mass thresholds λ(σ) in (0, 1]: 'dataset' (with --dataset=digits "
+                      "and --maps=checkpoints/digits_ddpmpp_small_maps.npz the thresholds tuned for "
+                      "them, checkpoints/digits_schedules/thresholds.json; else 'cifar10'), "
+                      "'cifar10' (the paper's), a number, a comma list on the EDM grid, "
+                      "'sigma:value' pairs or a JSON file", **fv)
   flags.DEFINE_float("smoothing", None,
                      f"cfdm: the paper's smoothing parameter σ (default {cfdm.DEFAULT_SMOOTHING:g}; "
                      "0 = the empirical denoiser)", **fv)
@@ -104,16 +128,62 @@ def terminal_progress() -> Progress:
   return TerminalProgress() if multihost.is_main_process() else SILENT
 
 
+def dataset_schedule(name: str, option: str, dataset: str | None,
+                     maps: str | None = None) -> tuple[str, str]:
+  """What the schedule flag `option` ("patch_schedule" or "thresholds") set to 'dataset' means for
+  registry denoiser `name` on `dataset` (the --dataset value; None: no dataset flag).
+
+  Args:
+    name, option, dataset: as above.
+    maps: pspc_flex's --maps; tuned thresholds apply only with the maps they were tuned with.
+
+  Returns:
+    (spec, description): the absolute path of the schedule file tuned for `dataset` when one ships
+    for this denoiser (`checkpoints/digits_schedules/` for 'digits': patch sizes for pspc_square,
+    thresholds for pspc_flex with `checkpoints/digits_ddpmpp_small_maps.npz`), else the generic spec
+    ('auto' patch sizes, 'cifar10' thresholds); the description says which, for the user.
+  """
+  generic = _GENERIC[option]
+  tuned = _TUNED_FILES.get(dataset, {})
+  if option not in tuned or _TUNED_FOR[option] != name:
+    return generic, f"{generic} ({_GENERIC_HELP[generic]})"
+  path = tuned[option]
+  shown = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+  if not os.path.isfile(path):  # an install without the checkpoints folder
+    return generic, f"{generic} ({_GENERIC_HELP[generic]}; the tuned {shown} is missing)"
+  if option == "thresholds" and not _same_file(maps, tuned["maps"]):
+    return generic, (f"{generic} ({_GENERIC_HELP[generic]}; {shown} is tuned for the maps "
+                     f"{os.path.basename(tuned['maps'])})")
+  return path, f"{shown} (tuned for {dataset}; --{option}={generic} for the generic one)"
+
+
+def _same_file(path: str | None, other: str) -> bool:
+  """Whether `path` names the existing file `other`."""
+  try:
+    return bool(path) and os.path.samefile(path, other)
+  except OSError:
+    return False
+
+
 def denoiser_options(name: str, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   """The builder options of registry denoiser `name` (`make_denoiser(name, data, **options)`) from the
   flags of `define_denoiser_flags`: e.g. {"patch_schedule": "auto"} for pspc_square, {} for empirical.
+
+  A schedule flag left at 'dataset' becomes the schedule tuned for --dataset (`dataset_schedule`),
+  and the choice is printed (process 0).
 
   Raises:
     ValueError: `name` is not a registered denoiser.
   """
   if name not in available_denoisers():
     raise ValueError(f"unknown --denoiser={name!r}; choose one of {', '.join(available_denoisers())}")
-  return {option: flag_values[option].value for option in _FLAG_OPTIONS.get(name, ())}
+  options = {option: flag_values[option].value for option in _FLAG_OPTIONS.get(name, ())}
+  dataset = flag_values["dataset"].value if "dataset" in flag_values else None
+  for option in _GENERIC:
+    if options.get(option) == DATASET_SCHEDULE:
+      options[option], description = dataset_schedule(name, option, dataset, options.get("maps"))
+      multihost.main_print(f"{name} --{option}: {description}")
+  return options
 
 
 def define_sampler_flags(num_samples: int) -> None:

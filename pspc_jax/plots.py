@@ -40,7 +40,8 @@ def _save(fig, path, title: str = "", title_size: int = 9, dpi: int = 150) -> No
   """Adds `title` above all panels (if any), lays the figure out, writes it to `path` and closes it."""
   if title:
     fig.suptitle(title, fontsize=title_size)
-  fig.tight_layout()
+  if fig.get_layout_engine() is None:  # figures made with layout="constrained" lay themselves out
+    fig.tight_layout()
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
 
@@ -91,54 +92,70 @@ def save_nearest_neighbour_figure(path, samples: np.ndarray, neighbours: np.ndar
   _save(fig, path, "samples (top) and their nearest training images (bottom)")
 
 
-def save_rows_figure(path, rows: Mapping[str, np.ndarray], title: str = "") -> None:
-  """One row of images per entry of `rows` ({name: (B, H, W, C) [-1, 1]}), names on the left."""
+def save_rows_figure(path, rows: Mapping[str, np.ndarray], title: str = "",
+                     column_titles: Sequence[str] = ()) -> None:
+  """One row of images per entry of `rows` ({name: (B, H, W, C) [-1, 1]}), names on the left, and
+  optional titles above the B columns."""
   names = list(rows)
   count = len(next(iter(rows.values())))
   fig, axes = plt.subplots(len(names), count, figsize=(1.1 * count + 1, 1.15 * len(names)),
                            squeeze=False)
   for r, name in enumerate(names):
     for c in range(count):
-      _show(axes[r, c], rows[name][c])
+      _show(axes[r, c], rows[name][c], column_titles[c] if r == 0 and c < len(column_titles) else "")
     axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
   _save(fig, path, title)
 
 
 def save_sensitivity_heatmaps(path, sigmas: Sequence[float], maps: np.ndarray,
-                              pixels: Sequence[tuple[int, int]],
-                              max_columns: int | None = None) -> None:
-  """Sensitivity maps of chosen output pixels (rows) at every σ (columns), paper Fig. 3 (right).
+                              pixels: Sequence[tuple[int, int]], max_columns: int | None = None,
+                              columns: int = 6) -> None:
+  """Sensitivity maps of chosen output pixels at every σ, paper Fig. 3 (right), as a grid: one block
+  of rows per output pixel, its σ (largest first) wrapped `columns` to a row.
 
-  Each panel is normalised to its own maximum; a red square marks the output pixel.
+  Each panel is normalised to its own maximum (one colour bar, "map / panel maximum", for all); a red
+  square marks the output pixel.
 
   Args:
     path: output PNG.
     sigmas: (S,) noise levels of `maps`.
     maps: (S, H, W, H, W) maps; maps[k, h, w] is the map of output pixel (h, w) at sigmas[k].
-    pixels: output pixels (h, w), one row each.
+    pixels: output pixels (h, w), one block of rows each.
     max_columns: show at most this many σ, evenly spaced over the sorted grid (None: all).
+    columns: panels per row, at least 1.
+
+  Raises:
+    ValueError: no pixels, or `columns` < 1.
   """
+  if columns < 1 or not pixels:
+    raise ValueError(f"need at least one pixel and columns ≥ 1, got {len(pixels)} pixels and "
+                     f"columns={columns}")
   sigmas = np.asarray(sigmas, np.float64)
   order = np.argsort(-sigmas)  # largest σ first, as in sampling.
   if max_columns is not None and len(order) > max_columns:
     order = order[np.round(np.linspace(0, len(order) - 1, max_columns)).astype(int)]
-  rows, columns = len(pixels), len(order)
-  fig, axes = plt.subplots(rows, columns, figsize=(max(4.0, 0.9 * columns + 0.8), 0.95 * rows + 0.6),
-                           squeeze=False)
-  for r, (h, w) in enumerate(pixels):
-    for c, k in enumerate(order):
-      ax = axes[r, c]
+  columns = min(columns, len(order))
+  block = math.ceil(len(order) / columns)  # rows per output pixel
+  fig, axes = plt.subplots(block * len(pixels), columns, squeeze=False, layout="constrained",
+                           figsize=(1.15 * columns + 1.3, 1.2 * block * len(pixels) + 0.5))
+  for ax in axes.flat:
+    ax.axis("off")
+  for p, (h, w) in enumerate(pixels):
+    for j, k in enumerate(order):
+      ax = axes[p * block + j // columns, j % columns]
       panel = np.asarray(maps[k, h, w], np.float64)
-      ax.imshow(panel / max(panel.max(), 1e-30), cmap="magma", vmin=0, vmax=1,
-                interpolation="nearest")
+      image = ax.imshow(panel / max(panel.max(), 1e-30), cmap="magma", vmin=0, vmax=1,
+                        interpolation="nearest")
       ax.add_patch(matplotlib.patches.Rectangle((w - 0.5, h - 0.5), 1, 1, fill=False,
                                                 edgecolor="red", linewidth=0.8))
+      ax.axis("on")
       ax.set_xticks([])
       ax.set_yticks([])
-      if r == 0:
-        ax.set_title(f"σ={sigmas[k]:.3g}", fontsize=6)
-    axes[r, 0].set_ylabel(f"({h},{w})", fontsize=7)
-  _save(fig, path, "sensitivity maps of output pixels (rows) by noise level", title_size=8)
+      ax.set_title(f"σ={sigmas[k]:.3g}", fontsize=7)
+      if j % columns == 0:
+        ax.set_ylabel(f"pixel ({h},{w})", fontsize=8)
+  fig.colorbar(image, ax=axes, shrink=0.6, label="map / panel maximum")
+  _save(fig, path, "sensitivity maps of output pixels (row blocks) by noise level", title_size=9)
 
 
 def save_capture_plot(path, sigmas: Sequence[float], sides: np.ndarray, fractions: Sequence[float],
@@ -303,13 +320,46 @@ def _sets_in(rows) -> list[str]:
   return [s for s in order if s in present] + sorted(present - set(order))
 
 
+def _mse_panels(rows: Sequence[Mapping], references: Sequence[str]
+                ) -> list[tuple[str, list[tuple[str, str]]]]:
+  """Groups every denoiser pair of `rows` into panels: [(title, [(curve, other), …]), …].
+
+  One panel per reference present ("vs network": every other denoiser against it; a pair of two
+  references goes to the panel of the first), then "other pairs" for pairs with no reference
+  (e.g. gaussian vs pspc_square on a table without a network). Empty panels are left out.
+  """
+  names = list(dict.fromkeys(n for row in rows for n in (row["denoiser_a"], row["denoiser_b"])))
+  pairs = {frozenset((row["denoiser_a"], row["denoiser_b"])) for row in rows}
+  present = [r for r in references if r in names]
+  panels, placed = [], set()
+  for ref in present:
+    curves = [(name, ref) for name in names
+              if frozenset((name, ref)) in pairs and frozenset((name, ref)) not in placed]
+    placed.update(frozenset(c) for c in curves)
+    panels.append((f"vs {ref}", curves))
+  seen = list(dict.fromkeys((row["denoiser_a"], row["denoiser_b"]) for row in rows))
+  panels.append(("other pairs", [pair for pair in seen if frozenset(pair) not in placed]))
+  return [(title, curves) for title, curves in panels if curves]
+
+
+def _zero_floor(rows: Sequence[Mapping]) -> float:
+  """Where exact-zero MSEs of `rows` are drawn on a log axis: the decade below the smallest positive
+  MSE (1e-16 when none is positive)."""
+  positive = [row["mse"] for row in rows if np.isfinite(row["mse"]) and row["mse"] > 0]
+  return 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-16
+
+
 def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("network", "empirical"),
                   title: str = "") -> None:
-  """MSE between denoisers vs σ (log-log), one panel per evaluation set (paper Fig. 2/6).
+  """MSE between denoisers vs σ (log-log), paper Fig. 2/6: one row of panels per evaluation set, one
+  column per reference ("vs network", "vs empirical", then "other pairs": every pair of the table is
+  drawn once).
 
-  Each curve is one denoiser against one reference: solid against the first reference present in the
-  rows (the network), dashed against the second (the optimal empirical denoiser), dotted against
-  further ones; a denoiser has one colour in every panel. A pair of two references is drawn once.
+  A denoiser has one colour in every panel (its curve against each reference); in "other pairs" each
+  pair has its own colour. An MSE of exactly 0 (e.g. PSPC-Square with a full-image patch against the
+  empirical denoiser) has no place on a log axis: it is drawn as an open triangle on or just below a
+  floor (dotted line) a decade under the set's smallest positive MSE, one staggered row of triangles
+  per curve so that none hides another; the legend says so.
 
   Args:
     path: output PNG.
@@ -318,28 +368,53 @@ def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("n
     references: the denoisers the others are compared with, in order of preference.
     title: figure title.
   """
-  rows = list(rows)
+  rows = [row for row in rows if np.isfinite(row["mse"])]
   sets = _sets_in(rows) or ["forward"]
+  panels = _mse_panels(rows, references) or [("", [])]
   names = list(dict.fromkeys(n for row in rows for n in (row["denoiser_a"], row["denoiser_b"])))
-  present = [r for r in references if r in names]
-  colours = {name: plt.get_cmap("tab10")(k % 10) for k, name in enumerate(names)}
-  styles = ["-", "--", ":"]
-  fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 3.6), squeeze=False)
-  for ax, set_name in zip(axes[0], sets):
-    for r_index, ref in enumerate(present):
-      for name in names:
-        if name == ref or (name in present and present.index(name) < r_index):
-          continue
-        points = sorted((row["sigma"], row["mse"]) for row in rows if row["set"] == set_name
-                        and {row["denoiser_a"], row["denoiser_b"]} == {name, ref})
-        points = [(s, m) for s, m in points if m > 0]
-        if points:
-          s, m = zip(*points)
-          ax.plot(s, m, styles[min(r_index, 2)], color=colours[name], marker="o", markersize=2.5,
-                  linewidth=1.2, label=f"{name} vs {ref}")
-    _log_log_mse_axes(ax, "MSE (per pixel, [-1, 1] units)", f"{set_name} set", 9)
-    ax.legend(fontsize=6)
+  palette = plt.get_cmap("tab10")
+  colours = {name: palette(k % 10) for k, name in enumerate(names)}
+  fig, axes = plt.subplots(len(sets), len(panels), figsize=(4.4 * len(panels), 3.4 * len(sets)),
+                           squeeze=False, sharey="row")
+  for r, set_name in enumerate(sets):
+    floor = _zero_floor([row for row in rows if row["set"] == set_name])
+    for c, (panel, curves) in enumerate(panels):
+      ax = axes[r, c]
+      zeros = 0
+      for k, (name, other) in enumerate(curves):
+        colour = colours[name] if panel != "other pairs" else palette((len(names) + k) % 10)
+        zeros += _mse_curve(ax, rows, set_name, (name, other), colour, f"{name} vs {other}",
+                            floor * 10.0 ** (-0.3 * zeros))
+      if zeros:
+        ax.axhline(floor, color="grey", linestyle=":", linewidth=0.8)
+        ax.plot([], [], "v", color="grey", markerfacecolor="none", markersize=4,
+                label=f"MSE exactly 0 (drawn at ≤ {floor:.0e})")
+      _log_log_mse_axes(ax, "MSE (per pixel, [-1, 1] units)" if c == 0 else "",
+                        f"{set_name} set: {panel}", 9)
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, handlelength=3.5)
+      else:
+        ax.text(0.5, 0.5, "no such pairs on this set", transform=ax.transAxes, ha="center",
+                fontsize=8, color="grey")
   _save(fig, path, title)
+
+
+def _mse_curve(ax, rows: Sequence[Mapping], set_name: str, pair: tuple[str, str], colour, label: str,
+               floor: float) -> bool:
+  """Draws the MSE of `pair` on `set_name` by σ: positive values as a line, exact zeros as open
+  triangles at `floor`. Returns whether there were zeros."""
+  points = sorted((row["sigma"], row["mse"]) for row in rows if row["set"] == set_name
+                  and {row["denoiser_a"], row["denoiser_b"]} == set(pair))
+  if not points:
+    return False
+  sigma, mse = (np.asarray(v, np.float64) for v in zip(*points))
+  ax.plot(sigma, np.where(mse > 0, mse, np.nan), "-", color=colour, marker="o", markersize=2.5,
+          linewidth=1.2, label=label)
+  zero = mse == 0
+  if zero.any():
+    ax.plot(sigma[zero], np.full(zero.sum(), floor), "v", color=colour, markerfacecolor="none",
+            markersize=4)
+  return bool(zero.any())
 
 
 def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "") -> None:
@@ -368,6 +443,16 @@ def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "") -> None:
                       f"{set_name} set: patch posterior means vs {', '.join(targets)}", 8)
     ax.legend(fontsize=6, title="patch", title_fontsize=6)
   _save(fig, path, title)
+
+
+def min_max_scaled(images: np.ndarray) -> np.ndarray:
+  """(B, H, W, C) images, each mapped linearly from its own [min, max] onto [-1, 1] (for figures of
+  noisy z, whose range ±3σ would otherwise clip to black and white); a constant image becomes 0."""
+  images = np.asarray(images, np.float64)
+  axes = tuple(range(1, images.ndim))
+  low, high = images.min(axis=axes, keepdims=True), images.max(axis=axes, keepdims=True)
+  span = high - low
+  return np.where(span > 0, 2 * (images - low) / np.where(span > 0, span, 1) - 1, 0.0)
 
 
 def save_trajectory_figure(path, rows: Mapping[str, np.ndarray], column_titles: Sequence[str],

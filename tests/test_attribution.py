@@ -210,3 +210,18 @@ def test_dominance_helpers_for_figures():
   which, strength = attribution.dominance_map(indices, weights, [7, 3])
   np.testing.assert_array_equal(which, [[1, 1], [0, -1]])
   np.testing.assert_allclose(strength, [[0.6, 0.5], [0.9, 0.8]])
+
+
+def test_figure_images_come_in_the_order_of_the_share_the_figure_prints():
+  # Image 5 dominates most pixels but holds 0 % of the total weight (large σ spread it elsewhere);
+  # image 2 dominates fewer pixels and holds 1 %; image 9 is never top-1 but has the largest total.
+  indices = np.asarray([[[5, 2], [5, 2]], [[2, 5], [5, 9]]])  # (2, 2, k=2)
+  weights = np.asarray([[[0.9, 0.1], [0.8, 0.2]], [[0.6, 0.4], [0.7, 0.3]]])
+  totals = np.zeros(12)
+  totals[[5, 2, 9, 0]] = [0.001, 0.01, 0.3, 0.3]
+  np.testing.assert_array_equal(attribution.dominant_images(indices, weights, 2), [5, 2])
+  # Dominant images first picked, filled with the largest totals (0 before 9: ties to the lower
+  # index), then ordered by decreasing total share.
+  np.testing.assert_array_equal(attribution.figure_images(indices, weights, totals, 2), [2, 5])
+  np.testing.assert_array_equal(attribution.figure_images(indices, weights, totals, 4),
+                                [0, 9, 2, 5])

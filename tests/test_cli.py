@@ -46,6 +46,11 @@ def test_sample_pspc_square_end_to_end_and_resume(tmp_path):
     assert np.isfinite(samples).all() and saved["images"].dtype == np.uint8
     assert (saved["nn_distances"][:, 0] <= saved["nn_distances"][:, 1]).all()
   assert json.loads((out / "config.json").read_text())["denoiser"] == "pspc_square"
+  # On the embedded digits the default schedule is the one tuned for them, and the tool says so.
+  chosen = "pspc_square --patch_schedule: checkpoints/digits_schedules/patch_schedule.json (tuned"
+  assert chosen in first.stdout
+  assert json.loads((out / "config.json").read_text())["options"]["patch_schedule"] == os.path.join(
+      REPO, "checkpoints", "digits_schedules", "patch_schedule.json")
 
   # An interrupted run left two of four samples: the rerun computes only the missing two, and the
   # result equals the uninterrupted run (image k depends only on seed k).
@@ -75,14 +80,41 @@ def test_sample_seed_is_independent_of_batch_size(tmp_path):
 
 def test_denoise_writes_outputs_and_errors(tmp_path):
   result = run_tool("denoise", "--sigma=0.3", "--denoisers=empirical,pspc_square", "--num_images=3",
-                    f"--outdir={tmp_path}")
+                    "--holdout=2", f"--outdir={tmp_path}")
   assert result.returncode == 0, result.stderr
-  assert "MSE to clean x" in result.stdout
+  assert "MSE to clean x: training" in result.stdout and "held-out" in result.stdout
   with np.load(tmp_path / "denoised.npz") as saved:
-    assert saved["empirical"].shape == saved["pspc_square"].shape == (3, 8, 8, 1)
-    # σ = 0.3 around a training image: the optimal denoiser returns (nearly) that image.
-    np.testing.assert_allclose(saved["empirical"], saved["clean"], atol=1e-3)
+    # Training images 0-2, then the held-out last 2 of the 1,797 digits.
+    assert saved["indices"].tolist() == [0, 1, 2, 1795, 1796]
+    assert saved["held_out"].tolist() == [False, False, False, True, True]
+    assert saved["empirical"].shape == saved["pspc_square"].shape == (5, 8, 8, 1)
+    # σ = 0.3 around a training image: the optimal denoiser returns (nearly) that image; a held-out
+    # image is not in its training set, so it returns another one.
+    np.testing.assert_allclose(saved["empirical"][:3], saved["clean"][:3], atol=1e-3)
+    held_error = np.abs(saved["empirical"][3:] - saved["clean"][3:]).max(axis=(1, 2, 3))
+    assert (held_error > 0.1).all()
   assert (tmp_path / "denoised.png").stat().st_size > 0
+
+
+def test_denoise_holds_out_the_last_images_by_default_and_checks_holdout(tmp_path):
+  from pspc_jax.jobs.denoise import denoise_run
+
+  images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 1), dtype=np.uint8)
+  errors = denoise_run(images, denoisers={"empirical": {}}, sigma=0.01, indices=[0, 1],
+                       noise_seed=0, outdir=str(tmp_path / "a"), holdout=3)
+  assert errors["empirical"]["training"] < 1e-6 < errors["empirical"]["held-out"]
+  only_training = denoise_run(images, denoisers={"empirical": {}}, sigma=0.01, indices=[0, 1],
+                              noise_seed=0, outdir=str(tmp_path / "b"))
+  assert list(only_training["empirical"]) == ["training"]
+  with pytest.raises(ValueError, match=r"--holdout must lie in \[0, 10\)"):
+    denoise_run(images, denoisers={"empirical": {}}, sigma=0.1, indices=[0], noise_seed=0,
+                outdir=str(tmp_path / "c"), holdout=10)
+  with pytest.raises(ValueError, match=r"indices must lie in \[0, 7\) .* the last 3 of 10"):
+    denoise_run(images, denoisers={"empirical": {}}, sigma=0.1, indices=[7], noise_seed=0,
+                outdir=str(tmp_path / "c"), holdout=3)
+  assert not (tmp_path / "c").exists()
+  # bin/denoise holds out 8 images by default.
+  assert "--holdout" in run_tool("denoise", "--helpshort").stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -150,3 +182,43 @@ def test_tools_share_the_denoiser_flags_and_refusal(tmp_path, tool):
                     f"--outdir={tmp_path}" if tool == "attribute" else f"--out={tmp_path / 'm.npz'}")
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert result.stderr.strip().count("\n") == 0 and "unknown --denoiser='magic'" in result.stderr
+
+
+def test_schedule_defaults_resolve_per_dataset_and_denoiser(capsys):
+  tuned = os.path.join(REPO, "checkpoints", "digits_schedules")
+  flag_values = flags.FlagValues()
+  cli.define_dataset_flags(flag_values=flag_values)
+  cli.define_denoiser_flags(flag_values=flag_values)
+  flag_values(["prog"])
+  assert flag_values.patch_schedule == flag_values.thresholds == cli.DATASET_SCHEDULE
+  assert cli.denoiser_options("pspc_square", flag_values) == {
+      "patch_schedule": os.path.join(tuned, "patch_schedule.json")}
+  assert cli.denoiser_options("els", flag_values) == {"patch_schedule": "auto"}  # needs odd sizes
+  # λ is a share of a map's mass: the tuned thresholds go with the maps they were tuned with.
+  assert cli.denoiser_options("pspc_flex", flag_values) == {"maps": None, "thresholds": "cifar10"}
+  maps = os.path.join(REPO, "checkpoints", "digits_ddpmpp_small_maps.npz")
+  flag_values(["prog", f"--maps={maps}"])
+  assert cli.denoiser_options("pspc_flex", flag_values) == {
+      "maps": maps, "thresholds": os.path.join(tuned, "thresholds.json")}
+  printed = capsys.readouterr().out
+  assert "pspc_square --patch_schedule: " in printed and "(tuned for digits;" in printed
+  assert "els --patch_schedule: auto (" in printed
+  assert "pspc_flex --thresholds: cifar10 (" in printed
+  assert "thresholds.json (tuned for digits; --thresholds=cifar10 for the generic one)" in printed
+  # Another dataset: the generic schedules; a schedule the user sets is kept.
+  flag_values(["prog", "--dataset=cifar10", "--thresholds=0.5"])
+  assert cli.denoiser_options("pspc_square", flag_values) == {"patch_schedule": "auto"}
+  assert cli.denoiser_options("pspc_flex", flag_values)["thresholds"] == "0.5"
+  assert cli.dataset_schedule("pspc_flex", "thresholds", "cifar10")[0] == "cifar10"
+  assert cli.dataset_schedule("pspc_square", "patch_schedule", None)[0] == "auto"
+
+
+def test_the_committed_digits_schedules_are_the_tuned_ones():
+  from pspc_jax import schedules
+
+  folder = os.path.join(REPO, "checkpoints", "digits_schedules")
+  sizes = schedules.parse_patch_schedule(os.path.join(folder, "patch_schedule.json"), 8)
+  assert sizes.values == (8,) * 10 + (7, 5) + (3,) * 6
+  assert sizes.sigmas == schedules.cifar10_patch_schedule().sigmas
+  thresholds = schedules.parse_threshold_schedule(os.path.join(folder, "thresholds.json"))
+  assert thresholds.values[:8] == (1.0,) * 8 and thresholds.values[8:12] == (0.9, 0.9, 0.8, 0.7)

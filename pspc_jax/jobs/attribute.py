@@ -163,15 +163,8 @@ def _save_attribution_figure(path: str, images: np.ndarray, seeds: list[int], sa
                              counts: np.ndarray, *, show: int, title: str) -> None:
   """`plots.save_attribution_figure` of the first 16 samples, each with `show` training images."""
   rows = min(len(seeds), 16)
-
-  # The images shown are those dominating the most pixels (by top-1 weight), not the largest totals:
-  # steps at large σ spread their weight over the whole training set.
-  def shown_images(b):
-    picked = list(attribution.dominant_images(indices[b], weights[b], show))
-    by_total = [i for i in np.argsort(-totals[b], kind="stable")[:2 * show] if i not in picked]
-    return (picked + by_total)[:show]
-
-  chosen = np.asarray([shown_images(b) for b in range(rows)])  # (rows, M)
+  chosen = np.asarray([attribution.figure_images(indices[b], weights[b], totals[b], show)
+                       for b in range(rows)])  # (rows, M), by decreasing share
   maps = [attribution.dominance_map(indices[b], weights[b], chosen[b]) for b in range(rows)]
   sources = np.asarray(to_model_range(jnp.asarray(images[chosen.reshape(-1)])))
   plots.save_attribution_figure(

@@ -3,10 +3,10 @@
 
 Writes to the output folder: config.json, samples_<denoiser>.npz (seeds, samples, trajectory z and
 denoised; a finished denoiser is reloaded on a rerun of the same configuration), samples.png (one row
-per denoiser, one column per seed), trajectory_<seed>.png (z and D(z) at several steps and the final
-sample, two rows per denoiser), similarity_<descriptor>.png (one matrix per descriptor,
-`evaluation.similarity_matrix`), similarity.json / similarity.csv (one row per pair of denoisers and
-descriptor) and memorisation.json / memorisation.csv (`evaluation.memorisation_stats`).
+per denoiser, one column per seed), trajectory_<seed>.png (z, min–max scaled per image, and D(z) at
+several steps and the final sample, two rows per denoiser), similarity_<descriptor>.png (one matrix
+per descriptor, `evaluation.similarity_matrix`), similarity.json / similarity.csv (one row per pair of
+denoisers and descriptor) and memorisation.json / memorisation.csv (`evaluation.memorisation_stats`).
 """
 
 from __future__ import annotations
@@ -128,10 +128,13 @@ def _save_figures(outdir: str, results: Mapping[str, Trajectories], seeds: list[
   for b in range(min(figure_seeds, len(seeds))):
     rows = {}
     for name, (_, path_z, path_d) in results.items():
-      rows[f"{name}: z"] = np.concatenate([path_z[picked, b], path_z[-1:, b]])
+      rows[f"{name}: z, min–max"] = np.concatenate([plots.min_max_scaled(path_z[picked, b]),
+                                                    path_z[-1:, b]])
       rows[f"{name}: D(z)"] = np.concatenate([path_d[picked, b], path_z[-1:, b]])
-    plots.save_trajectory_figure(os.path.join(outdir, f"trajectory_{seeds[b]}.png"), rows, titles,
-                                 title=f"seed {seeds[b]}: z and D(z) along the {solver} sampler")
+    plots.save_trajectory_figure(
+        os.path.join(outdir, f"trajectory_{seeds[b]}.png"), rows, titles,
+        title=f"seed {seeds[b]}: z and D(z) along the {solver} sampler\nz rows: each image min–max "
+              "scaled to black–white (z spans about ±3σ); D(z) rows and samples: [-1, 1]")
 
 
 def _save_similarities(outdir: str, samples: Mapping[str, np.ndarray], data,
