@@ -8,10 +8,14 @@ A step folder holds the items
   train_state/  the rest of a training run's state (params, optimiser state, step, PRNG key data);
                 absent from converted networks;
   meta/         the JSON sidecar {"format", "step", "network" (a config for
-                `pspc_jax.nets.make_network`), "image_shape" [H, W, C], "sigma_data", and, from training,
-                "train" (the TrainConfig) and "dataset" (its fingerprint), or "extra" from a converter},
+                `pspc_jax.nets.make_network`), "image_shape" [H, W, C], the preconditioning, and, from
+                training, "train" (the TrainConfig) and "dataset" (its fingerprint), or "extra" from a
+                converter},
 
-so :func:`load_network` rebuilds the module from the sidecar alone.
+so :func:`load_network` rebuilds the module from the sidecar alone. The preconditioning is "sigma_data"
+for EDM's (training runs, EDMPrecond pickles, state dicts) or, for another one (EDM's VP and VE
+baselines), a "preconditioning" record `pspc_jax.edm.preconditioning_record` in place of "sigma_data";
+:func:`preconditioning` reads either.
 
 Atomicity. orbax writes every item of a step into `<step>.orbax-checkpoint-tmp…` and renames that
 folder to `<step>` only when all items are complete. An interrupted save therefore leaves the earlier
@@ -28,6 +32,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from pspc_jax import nets
+from pspc_jax.edm import (EDMPrecond, Preconditioning, preconditioning_from_record,
+                          preconditioning_record)
 
 FORMAT_VERSION = 1
 _ARRAY_ITEMS = ("ema_params", "train_state")
@@ -187,13 +193,17 @@ def load_network(path: str, image_shape=None) -> tuple[Any, Any, dict]:
     the default device, and the sidecar dict (meta["image_shape"] is [H, W, C]).
 
   Raises:
-    ValueError: no readable checkpoint at `path`, a sidecar that lacks a field, or another image shape.
+    ValueError: no readable checkpoint at `path`, a sidecar that lacks a field or holds an invalid
+      preconditioning record, or another image shape.
   """
   step_dir = find_checkpoint(path)
   meta = read_meta(step_dir)
-  missing = [key for key in ("format", "network", "image_shape", "sigma_data") if key not in meta]
+  missing = [key for key in ("format", "network", "image_shape") if key not in meta]
+  if "sigma_data" not in meta and "preconditioning" not in meta:
+    missing.append("sigma_data (or a preconditioning record)")
   if missing:
     raise ValueError(f"{step_dir}: checkpoint sidecar lacks {', '.join(missing)}")
+  preconditioning(meta, step_dir)
   if meta["format"] > FORMAT_VERSION:
     raise ValueError(f"{step_dir}: checkpoint format {meta['format']} is newer than this pspc_jax "
                      f"reads ({FORMAT_VERSION})")
@@ -210,8 +220,25 @@ def load_network(path: str, image_shape=None) -> tuple[Any, Any, dict]:
   return module, _read(step_dir, ema_params=ocp.args.StandardRestore(target)).ema_params, meta
 
 
+def preconditioning(meta: dict, where: str = "checkpoint") -> Preconditioning:
+  """The preconditioning of a checkpoint's sidecar: its "preconditioning" record, else
+  `EDMPrecond(meta["sigma_data"])`.
+
+  Raises:
+    ValueError: neither field, or an invalid record (the message starts with `where`).
+  """
+  try:
+    if "preconditioning" in meta:
+      return preconditioning_from_record(meta["preconditioning"])
+    if "sigma_data" in meta:
+      return EDMPrecond(meta["sigma_data"])
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"{where}: invalid preconditioning in the sidecar: {err}") from None
+  raise ValueError(f"{where}: the sidecar records no preconditioning (sigma_data)")
+
+
 def save_params(directory: str, params: Any, network_config: dict, extra: dict | None = None, *,
-                image_shape: tuple[int, int, int], sigma_data: float = 0.5) -> None:
+                image_shape: tuple[int, int, int], precond: Preconditioning = EDMPrecond()) -> None:
   """Writes converted network weights as a step folder that :func:`load_network` reads.
 
   Args:
@@ -220,7 +247,8 @@ def save_params(directory: str, params: Any, network_config: dict, extra: dict |
     network_config: config dict for `pspc_jax.nets.make_network`, e.g. {"arch": "songunet", …}.
     extra: JSON-serialisable provenance (source file, checksums, …), stored as meta["extra"].
     image_shape: (H, W, C) of the images the network denoises.
-    sigma_data: σ_data of the network's EDM preconditioning.
+    precond: the network's preconditioning: stored as "sigma_data" for an `EDMPrecond`, else as a
+      "preconditioning" record.
 
   Raises:
     ValueError: `directory` already exists.
@@ -229,6 +257,10 @@ def save_params(directory: str, params: Any, network_config: dict, extra: dict |
   if os.path.exists(directory):
     raise ValueError(f"{directory} already exists; choose a new folder for the converted network")
   meta = {"network": network_config, "image_shape": [int(n) for n in image_shape],
-          "sigma_data": float(sigma_data), "extra": extra or {}}
+          "extra": extra or {}}
+  if isinstance(precond, EDMPrecond):
+    meta["sigma_data"] = precond.sigma_data
+  else:
+    meta["preconditioning"] = preconditioning_record(precond)
   _step_reader().save(directory, args=ocp.args.Composite(
       ema_params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(_sidecar(meta, 0))))

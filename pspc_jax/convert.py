@@ -2,9 +2,11 @@
 
 Two sources are understood:
 
-* EDM network pickles (`edm-cifar10-32x32-uncond-vp.pkl` and its siblings, or EDM training snapshots),
-  read by `pspc_jax.nets.edm_pickle` without EDM's code, without torch and without running the source
-  embedded in the pickle; the SongUNet config and σ_data come from the pickle itself.
+* EDM network pickles (`edm-cifar10-32x32-uncond-vp.pkl` and its siblings, EDM's VP/VE baselines
+  `baseline-cifar10-32x32-uncond-vp.pkl` / `-ve.pkl`, or EDM training snapshots), read by
+  `pspc_jax.nets.edm_pickle` without EDM's code, without torch and without running the source embedded
+  in the pickle; the SongUNet config and the preconditioning (EDMPrecond with its σ_data, VPPrecond or
+  VEPrecond with their settings) come from the pickle itself.
 * PyTorch DiT state dicts (`.pt`/`.pth` through torch, `.safetensors` with NumPy alone), for a DiT config
   the caller names (a state dict does not record its architecture).
 
@@ -27,6 +29,7 @@ import jax
 import numpy as np
 
 from pspc_jax import checkpoints, nets
+from pspc_jax.edm import EDMPrecond
 from pspc_jax.nets import dit_convert, edm_pickle
 
 EDM_SUFFIXES = (".pkl", ".pickle")
@@ -49,7 +52,8 @@ def num_params(params) -> int:
 
 def convert_edm_pickle(source: str | os.PathLike, destination: str | os.PathLike,
                        key: str = "ema") -> dict:
-  """Converts an EDM network pickle (EDMPrecond around a SongUNet) into a checkpoint folder.
+  """Converts an EDM network pickle (EDMPrecond, VPPrecond or VEPrecond around a SongUNet) into a
+  checkpoint folder whose sidecar records the preconditioning (`checkpoints.save_params`).
 
   Args:
     source: the `.pkl` file.
@@ -60,19 +64,20 @@ def convert_edm_pickle(source: str | os.PathLike, destination: str | os.PathLike
     The checkpoint's sidecar (as `checkpoints.read_meta` returns it).
 
   Raises:
-    ValueError: not an EDMPrecond/SongUNet pickle, its weights do not match its config, or it is empty,
-      truncated or references code outside the reader's table of allowed globals
-      (`pickle.UnpicklingError`, re-raised).
+    ValueError: not an EDMPrecond/VPPrecond/VEPrecond pickle around a SongUNet, its weights do not
+      match its config, or it is empty, truncated or references code outside the reader's table of
+      allowed globals (`pickle.UnpicklingError`, re-raised).
   """
   try:
-    config, params, precond = edm_pickle.load_edm_pickle(source, key=key)
+    network = edm_pickle.load_edm_pickle(source, key=key)
   except pickle.UnpicklingError as err:
     raise ValueError(f"{source}: cannot read it as an EDM pickle: {err}") from err
-  image_shape = (precond["img_resolution"], precond["img_resolution"], precond["img_channels"])
-  extra = {**file_provenance(source), "converter": "edm_pickle", "precond": precond,
-           "num_params": num_params(params)}
-  checkpoints.save_params(str(destination), params, config, extra, image_shape=image_shape,
-                          sigma_data=precond["sigma_data"])
+  info = network.info
+  image_shape = (info["img_resolution"], info["img_resolution"], info["img_channels"])
+  extra = {**file_provenance(source), "converter": "edm_pickle", "precond": info,
+           "num_params": num_params(network.params)}
+  checkpoints.save_params(str(destination), network.params, network.config, extra,
+                          image_shape=image_shape, precond=network.precond)
   return checkpoints.read_meta(str(destination))
 
 
@@ -105,7 +110,7 @@ def convert_dit_state_dict(source: str | os.PathLike, destination: str | os.Path
            "drop_learned_sigma": drop_learned_sigma, "fold_null_class": fold_null_class,
            "num_params": num_params(params)}
   checkpoints.save_params(str(destination), params, network, extra, image_shape=image_shape,
-                          sigma_data=sigma_data)
+                          precond=EDMPrecond(sigma_data))
   return checkpoints.read_meta(str(destination))
 
 
@@ -126,7 +131,8 @@ def export_training_run(source: str | os.PathLike, destination: str | os.PathLik
            "dataset": meta.get("dataset"), "source": os.path.relpath(step_dir),
            "num_params": num_params(params)}
   checkpoints.save_params(str(destination), params, meta["network"], extra,
-                          image_shape=meta["image_shape"], sigma_data=meta["sigma_data"])
+                          image_shape=meta["image_shape"],
+                          precond=checkpoints.preconditioning(meta, step_dir))
   return checkpoints.read_meta(str(destination))
 
 

@@ -17,7 +17,7 @@ from pspc_jax.denoisers.registry import make_denoiser
 
 def _read_file_options(options: dict, image_shape) -> dict:
   """`options` with a `maps` path read into `SensitivityMaps` and `checkpoint` → `module`, `params`,
-  `sigma_data`."""
+  `precond` (the preconditioning its sidecar records)."""
   options = dict(options)
   if isinstance(options.get("maps"), (str, os.PathLike)):
     from pspc_jax.maps_files import load_maps
@@ -25,10 +25,10 @@ def _read_file_options(options: dict, image_shape) -> dict:
     options["maps"] = load_maps(options["maps"])
   checkpoint = options.pop("checkpoint", None)
   if checkpoint:
-    from pspc_jax.checkpoints import load_network  # orbax is imported only for networks
+    from pspc_jax.checkpoints import load_network, preconditioning  # orbax only for networks
 
     module, params, meta = load_network(checkpoint, image_shape=image_shape)
-    options.update(module=module, params=params, sigma_data=float(meta["sigma_data"]))
+    options.update(module=module, params=params, precond=preconditioning(meta, checkpoint))
   return options
 
 

@@ -11,6 +11,8 @@ folders, are `pspc_jax.jobs.evaluate.evaluate_run` (bin/evaluate) and
   `forward_process.forward_samples(data, σ, arange(count), s)` of bin/tune_schedule and bin/sensitivity.
 * reverse set (`reverse_set`): the states z(σ) of a reference denoiser's own sampler trajectories
   (Heun on the EDM grid, from seeded latents), i.e. the inputs that denoiser sees while sampling.
+* given set (`GivenSet`, set name "given"): z read from a file rather than drawn, e.g. the official
+  release's forward- and reverse-process z (`pspc_jax.release_files.load_z_set`).
 
 MSE is per pixel and channel, in model units ([-1, 1] images), averaged over the z of a set:
 mse(a, b) = mean over z, pixels, channels of (D_a(z) − D_b(z))², computed in float64.
@@ -18,6 +20,7 @@ mse(a, b) = mean over z, pixels, channels of (D_a(z) − D_b(z))², computed in 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -37,6 +40,8 @@ from pspc_jax.sampling import latents_from_seeds, sample
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 SETS = ("forward", "reverse")
+# The set of z given from a file (`GivenSet`), beside the drawn SETS.
+GIVEN = "given"
 # The denoiser whose output the patch posterior means are compared with on the forward set (Fig. 4):
 # the optimal empirical denoiser. On the reverse set it is the reference that made the trajectories
 # (the network in the paper).
@@ -125,6 +130,58 @@ def forward_set(images: np.ndarray, count: int, seed: int = 0) -> ForwardSet:
   indices = np.asarray(indices)
   x = np.asarray(to_model_range(jnp.asarray(images[indices])))
   return ForwardSet(indices, x, np.asarray(noise))
+
+
+class GivenSet(NamedTuple):
+  """Evaluation z given rather than drawn (the set "given"): K noisy images at each of S noise levels.
+
+  Attributes:
+    sigmas: (S,) float32 distinct noise levels > 0.
+    z: (S, K, H, W, C) float32; z[j] are the images at sigmas[j] (in [-1, 1] units plus noise).
+    source: where they come from (a file name), for reports.
+  """
+  sigmas: np.ndarray
+  z: np.ndarray
+  source: str = ""
+
+  def select(self, sigmas: Sequence[float] | None, count: int) -> "GivenSet":
+    """The set restricted to the first `count` z and, unless `sigmas` is None, to its σ that equal one
+    of `sigmas` (within a relative 1e-6), in descending order of σ.
+
+    Raises:
+      ValueError: fewer than `count` z, or no σ of the set among `sigmas`.
+    """
+    if self.z.shape[1] < count:
+      raise ValueError(f"{self.source or 'the given set'} holds {self.z.shape[1]} z per σ; fewer than "
+                       f"the {count} asked for (--count)")
+    keep = np.ones(len(self.sigmas), bool)
+    if sigmas is not None:
+      wanted = np.asarray(sigmas, np.float64)
+      keep = np.array([np.isclose(wanted, s, rtol=1e-6, atol=0).any() for s in self.sigmas], bool)
+      if not keep.any():
+        raise ValueError(f"none of the σ of {self.source or 'the given set'} "
+                         f"({', '.join(f'{s:.4g}' for s in self.sigmas)}) is among --sigmas "
+                         f"({', '.join(f'{s:.4g}' for s in wanted)})")
+    order = np.flatnonzero(keep)[np.argsort(-self.sigmas[keep], kind="stable")]
+    return GivenSet(self.sigmas[order], self.z[order, :count], self.source)
+
+  def at(self, sigma: float) -> np.ndarray:
+    """(K, H, W, C) float32 z at the set's σ equal to `sigma` (within a relative 1e-6).
+
+    Raises:
+      ValueError: no such σ in the set.
+    """
+    match = np.flatnonzero(np.isclose(self.sigmas, sigma, rtol=1e-6, atol=0))
+    if match.size == 0:
+      raise ValueError(f"σ = {sigma:g} is not a noise level of {self.source or 'the given set'}")
+    return np.asarray(self.z[match[0]], np.float32)
+
+  def fingerprint(self) -> str:
+    """SHA-256 (hex) of the σ and z (float32, C order): what an evaluation on the set depends on."""
+    digest = hashlib.sha256(np.ascontiguousarray(self.sigmas, np.float32).tobytes())
+    for block in self.z:
+      digest.update(np.ascontiguousarray(block, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def reverse_grid(sigmas: Sequence[float], steps: int = 18) -> np.ndarray:

@@ -5,12 +5,14 @@ import pickle
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from pspc_jax import checkpoints, convert
+from pspc_jax.edm import EDMPrecond, VEPrecond, VPPrecond, preconditioning_record
 from pspc_jax.nets.dit_convert import flax_to_dit_state
 from pspc_jax.nets.precond import edm_denoiser
 from test_dit import TINY, _unconditional_state, _write_safetensors, tiny
@@ -49,6 +51,52 @@ def test_edm_pickle_converts_to_a_network_that_denoises_like_the_original(tmp_pa
     convert.convert(source, tmp_path / "ckpt")
   with pytest.raises(ValueError, match="records its own network"):
     convert.convert(source, tmp_path / "other", network=TINY)
+
+
+@pytest.mark.parametrize("class_name, precond", [("VPPrecond", VPPrecond()), ("VEPrecond", VEPrecond())])
+def test_vp_and_ve_baselines_convert_with_their_preconditioning(tmp_path, persistence, class_name,
+                                                                precond):
+  data, params = _edm_pickle(tmp_path, "numpy", 4, precond=class_name)
+  source = tmp_path / "baseline.pkl"
+  source.write_bytes(data)
+  meta = convert.convert(source, tmp_path / "ckpt")
+  assert "sigma_data" not in meta and meta["preconditioning"] == preconditioning_record(precond)
+  assert meta["extra"]["precond"]["class_name"] == class_name
+  module, loaded, meta = checkpoints.load_network(tmp_path / "ckpt")
+  assert checkpoints.preconditioning(meta) == precond
+  z = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
+  sigma = jnp.array([0.1, 3.0])
+  np.testing.assert_array_equal(edm_denoiser(module, loaded, precond=precond)(z, sigma),
+                                edm_denoiser(module, params, precond=precond)(z, sigma))
+  # A training-run export keeps the preconditioning of the checkpoint it reads.
+  exported = convert.export_training_run(tmp_path / "ckpt", tmp_path / "again")
+  assert checkpoints.preconditioning(exported) == precond
+
+
+def test_network_denoiser_of_a_converted_baseline_uses_its_preconditioning(tmp_path, persistence):
+  from pspc_jax import NetworkDenoiser, build_denoiser
+  data, params = _edm_pickle(tmp_path, "numpy", 4, precond="VPPrecond")
+  source = tmp_path / "baseline-vp.pkl"
+  source.write_bytes(data)
+  convert.convert(source, tmp_path / "ckpt")
+  images = np.zeros((2, 8, 8, 1), np.uint8)
+  denoiser = build_denoiser("network", images, checkpoint=str(tmp_path / "ckpt"))
+  assert isinstance(denoiser, NetworkDenoiser) and denoiser.precond == VPPrecond()
+  module, _, _ = checkpoints.load_network(tmp_path / "ckpt")
+  z = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
+  sigma = jnp.array([0.1, 3.0])
+  got = np.asarray(jax.jit(lambda d, z, s: d(z, s))(denoiser, z, sigma))
+  want = np.asarray(edm_denoiser(module, params, precond=VPPrecond())(z, sigma))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(got - np.asarray(edm_denoiser(module, params)(z, sigma))).max() > 0.1  # not EDM's
+
+
+def test_sidecar_preconditioning_is_checked(tmp_path):
+  assert checkpoints.preconditioning({"sigma_data": 0.3}) == EDMPrecond(0.3)
+  with pytest.raises(ValueError, match="ckpt: the sidecar records no preconditioning"):
+    checkpoints.preconditioning({}, "ckpt")
+  with pytest.raises(ValueError, match="ckpt: invalid preconditioning in the sidecar: unknown fields"):
+    checkpoints.preconditioning({"preconditioning": {"name": "vp", "beta": 1}}, "ckpt")
 
 
 def test_dit_safetensors_convert_and_need_a_network(tmp_path):
@@ -115,6 +163,16 @@ def test_bin_convert_end_to_end(tmp_path, persistence):
   again = _bin_convert(f"--source={source}", f"--outdir={tmp_path / 'ckpt'}")
   assert again.returncode == 2 and "already exists" in again.stderr
   assert "Traceback" not in again.stderr
+
+
+def test_bin_convert_reports_a_baseline_preconditioning(tmp_path, persistence):
+  data, _ = _edm_pickle(tmp_path, "numpy", 4, precond="VEPrecond")
+  source = tmp_path / "baseline-ve.pkl"
+  source.write_bytes(data)
+  result = _bin_convert(f"--source={source}", f"--outdir={tmp_path / 'ckpt'}")
+  assert result.returncode == 0, result.stderr
+  assert "converted baseline-ve.pkl" in result.stdout
+  assert "VEPrecond(sigma_min=0.02, sigma_max=100.0)" in result.stdout
 
 
 def test_training_run_exports_its_ema_weights_only(tmp_path, monkeypatch):

@@ -5,11 +5,16 @@ import pickle
 import sys
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
+from pspc_jax import edm
+from pspc_jax.edm import EDMPrecond, VEPrecond, VPPrecond
 from pspc_jax.nets import edm_pickle, songunet
+from pspc_jax.nets.precond import precond_apply
 
 CONFIG = {"arch": "songunet", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 3,
           "augment_dim": 2, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
@@ -171,8 +176,19 @@ def _torch_module(torch, source, class_name, tree, **attrs):
   return module
 
 
-def _edm_pickle(tmp_path, backend, protocol):
-  """The bytes of a fabricated EDM snapshot {"ema": EDMPrecond(model=SongUNet), ...} and its params."""
+# The attributes EDM's preconditioning classes set in __init__ beside the common ones, as a VPPrecond
+# stores them (sigma_min/max = σ(epsilon_t), σ(1) evaluated by EDM in float32).
+PRECOND_ATTRS = {
+    "EDMPrecond": {"sigma_min": 0, "sigma_max": float("inf"), "sigma_data": 0.5},
+    "VPPrecond": {"beta_d": 19.9, "beta_min": 0.1, "M": 1000, "epsilon_t": 1e-5,
+                  "sigma_min": 0.0009765625, "sigma_max": 152.16697692871094},
+    "VEPrecond": {"sigma_min": 0.02, "sigma_max": 100},
+}
+
+
+def _edm_pickle(tmp_path, backend, protocol, precond="EDMPrecond"):
+  """The bytes of a fabricated EDM snapshot {"ema": <precond>(model=SongUNet), ...} and its params;
+  `precond` is EDMPrecond, VPPrecond or VEPrecond (their attributes: `PRECOND_ATTRS`)."""
   params = _params()
   state = edm_pickle.flax_to_torch_state(params, CONFIG)
   source = _source(tmp_path / "marker")
@@ -180,18 +196,18 @@ def _edm_pickle(tmp_path, backend, protocol):
   model_attrs = {"_init_args": (8, 1), "_init_kwargs": model_kwargs, "label_dropout": 0}
   precond_attrs = {"_init_args": (), "_init_kwargs": {"img_resolution": 8, "img_channels": 1},
                    "img_resolution": 8, "img_channels": 1, "label_dim": 3, "use_fp16": False,
-                   "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": 0.5}
+                   **PRECOND_ATTRS[precond]}
   if backend == "torch":
     torch = pytest.importorskip("torch")
     model = _torch_module(torch, source, "SongUNet", _nest(state), **model_attrs)
     model.register_buffer("scratch", torch.zeros(2), persistent=False)
-    net = _torch_module(torch, source, "EDMPrecond", {}, **precond_attrs)
+    net = _torch_module(torch, source, precond, {}, **precond_attrs)
     net.add_module("model", model)
   else:
     model = _numpy_module(source, "SongUNet", _nest(state), **model_attrs)
     model.meta["state"]["_buffers"]["scratch"] = np.zeros(2)
     model.meta["state"]["_non_persistent_buffers_set"] = {"scratch"}
-    net = _numpy_module(source, "EDMPrecond", {}, **precond_attrs)
+    net = _numpy_module(source, precond, {}, **precond_attrs)
     net.meta["state"]["_modules"]["model"] = model
   loss = _NumpyPersistent(source, "EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5})
   snapshot = {"ema": net, "loss_fn": loss, "augment_pipe": None, "dataset_kwargs": {"path": "x.zip"}}
@@ -202,14 +218,15 @@ def _edm_pickle(tmp_path, backend, protocol):
 def test_reads_edm_snapshot_without_running_its_code(tmp_path, persistence, backend, protocol):
   data, params = _edm_pickle(tmp_path, backend, protocol)
   assert b"_reconstruct_persistent_obj" in data and b"embedded source ran" in data
-  config, loaded, precond = edm_pickle.load_edm_pickle(data)
+  config, loaded, precond, info = edm_pickle.load_edm_pickle(data)
   assert not (tmp_path / "marker").exists()
   _assert_same(loaded, params)
   expected = songunet.config_of(_net(fourier_freqs=songunet.fourier_frequencies(_net()).tolist()))
   assert config == expected
-  assert precond == {"class_name": "EDMPrecond", "sigma_data": 0.5, "sigma_min": 0.0,
-                     "sigma_max": float("inf"), "label_dim": 3, "use_fp16": False, "img_resolution": 8,
-                     "img_channels": 1}
+  assert precond == EDMPrecond(0.5)
+  assert info == {"class_name": "EDMPrecond", "sigma_data": 0.5, "sigma_min": 0.0,
+                  "sigma_max": float("inf"), "label_dim": 3, "use_fp16": False, "img_resolution": 8,
+                  "img_channels": 1}
   snapshot = edm_pickle.load_pickle(data)
   assert snapshot["loss_fn"].class_name == "EDMLoss" and snapshot["loss_fn"].state["P_std"] == 1.2
   assert snapshot["ema"].module_src.startswith("open(")
@@ -241,7 +258,7 @@ def test_rejects_pickles_without_an_edm_precond(tmp_path, persistence):
   data, _ = _edm_pickle(tmp_path, "numpy", 4)
   with pytest.raises(ValueError, match="no 'model' entry"):
     edm_pickle.load_edm_pickle(data, key="model")
-  with pytest.raises(ValueError, match="expected an EDMPrecond"):
+  with pytest.raises(ValueError, match="expected an EDMPrecond, VPPrecond or VEPrecond network"):
     edm_pickle.load_edm_pickle(data, key="loss_fn")
 
 
@@ -265,7 +282,107 @@ def test_refusals_say_what_the_pickle_holds(tmp_path, persistence):
     edm_pickle.load_edm_pickle(data, key="dataset_kwargs")
   with pytest.raises(ValueError, match=r"the pickle holds a float32 array of shape \(2, 3\)$"):
     edm_pickle.load_edm_pickle(pickle.dumps(np.zeros((2, 3), np.float32)))
-  vp = _NumpyPersistent(_source(tmp_path / "marker"), "VPPrecond", {})
-  with pytest.raises(ValueError, match="the network is a VPPrecond: EDM's VP/VE/iDDPM baselines"):
-    edm_pickle.load_edm_pickle(pickle.dumps({"ema": vp}))
+  iddpm = _NumpyPersistent(_source(tmp_path / "marker"), "iDDPMPrecond", {})
+  with pytest.raises(ValueError, match="the network is an iDDPMPrecond: EDM's iDDPM baseline"):
+    edm_pickle.load_edm_pickle(pickle.dumps({"ema": iddpm}))
   assert not (tmp_path / "marker").exists()
+
+
+# ---- EDM's VP and VE baselines: Table 1 of Karras et al. (2022) -------------------------------------
+
+
+def _table1(name, sigma, beta_d=19.9, beta_min=0.1, M=1000, sigma_data=0.5):
+  """(c_skip, c_out, c_in, c_noise) of Table 1 in float64 NumPy, each formula as the paper writes it."""
+  sigma = np.asarray(sigma, np.float64)
+  one = np.ones_like(sigma)
+  if name == "vp":
+    sigma_inv = (np.sqrt(beta_min**2 + 2 * beta_d * np.log(1 + sigma**2)) - beta_min) / beta_d
+    return one, -sigma, 1 / np.sqrt(sigma**2 + 1), (M - 1) * sigma_inv
+  if name == "ve":
+    return one, sigma, one, np.log(0.5 * sigma)
+  var = sigma**2 + sigma_data**2
+  return sigma_data**2 / var, sigma * sigma_data / np.sqrt(var), 1 / np.sqrt(var), np.log(sigma) / 4
+
+
+SIGMAS = np.array([0.002, 0.02, 0.3, 1.0, 2.0, 7.5, 80.0, 150.0])
+
+
+@pytest.mark.parametrize("precond", [EDMPrecond(0.5), EDMPrecond(0.3), VPPrecond(), VEPrecond(),
+                                     VPPrecond(beta_d=10.0, beta_min=0.5, M=500)])
+def test_preconditioning_coefficients_match_table_1_in_float64(precond):
+  fields = {k: v for k, v in edm.preconditioning_record(precond).items()
+            if k in ("beta_d", "beta_min", "M", "sigma_data")}
+  expected = _table1(precond.name, SIGMAS, **fields)
+  got = precond.coefficients(SIGMAS)
+  for name, want, have in zip(("c_skip", "c_out", "c_in", "c_noise"), expected, got):
+    assert np.asarray(have).dtype == np.float32 and np.shape(have) == SIGMAS.shape
+    np.testing.assert_allclose(np.asarray(have, np.float64), want, rtol=2e-6, atol=1e-7, err_msg=name)
+
+
+def test_vp_sigma_and_its_inverse_match_table_1():
+  t = np.array([1e-5, 1e-3, 0.1, 0.5, 1.0])
+  sigma = np.sqrt(np.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1)
+  np.testing.assert_allclose(np.asarray(edm.vp_sigma(t), np.float64), sigma, rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(edm.vp_sigma_inv(sigma), np.float64), t, rtol=2e-6)
+  assert float(edm.vp_sigma_inv(0.0)) == 0.0
+  low, high = VPPrecond().noise_range()
+  np.testing.assert_allclose([low, high], sigma[[0, -1]], rtol=2e-6)
+  assert VEPrecond().noise_range() == (0.02, 100.0)
+
+
+def test_preconditioning_values_are_hashable_records():
+  for precond in (EDMPrecond(0.25), VPPrecond(M=10), VEPrecond(sigma_max=50.0)):
+    record = edm.preconditioning_record(precond)
+    assert edm.preconditioning_from_record(record) == precond
+    assert hash(edm.preconditioning_from_record(record)) == hash(precond)
+  with pytest.raises(ValueError, match="sigma_data must be positive"):
+    EDMPrecond(0.0)
+  with pytest.raises(ValueError, match="M must be an integer >= 2"):
+    VPPrecond(M=1.5)
+  with pytest.raises(ValueError, match="one of edm, vp, ve"):
+    edm.preconditioning_from_record({"name": "iddpm"})
+  with pytest.raises(ValueError, match="unknown fields of the 've' preconditioning: sigma_data"):
+    edm.preconditioning_from_record({"name": "ve", "sigma_data": 0.5})
+
+
+@pytest.mark.parametrize("class_name, expected", [
+    ("VPPrecond", VPPrecond(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)),
+    ("VEPrecond", VEPrecond(sigma_min=0.02, sigma_max=100.0)),
+])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_reads_vp_and_ve_baselines_and_denoises_as_table_1(tmp_path, persistence, class_name,
+                                                          expected, backend):
+  data, params = _edm_pickle(tmp_path, backend, 4, precond=class_name)
+  config, loaded, precond, info = edm_pickle.load_edm_pickle(data)
+  assert precond == expected and not (tmp_path / "marker").exists()
+  _assert_same(loaded, params)
+  assert info["class_name"] == class_name and info["img_resolution"] == 8
+  assert info["sigma_max"] == float(PRECOND_ATTRS[class_name]["sigma_max"])
+  # D(z, σ) = c_skip z + c_out F(c_in z, c_noise) with the float64 coefficients of Table 1.
+  module = songunet.build(**{k: v for k, v in config.items() if k != "arch"})
+  z = np.random.default_rng(2).standard_normal((4, 8, 8, 1)).astype(np.float32) * 3
+  sigma = np.array([0.002, 0.5, 3.0, 80.0])
+  c_skip, c_out, c_in, c_noise = (c[:, None, None, None] if c.ndim else c
+                                  for c in _table1(precond.name, sigma))
+  raw = np.asarray(module.apply({"params": loaded}, jnp.asarray(c_in * z, jnp.float32),
+                                jnp.asarray(c_noise.reshape(-1), jnp.float32)), np.float64)
+  expected_d = c_skip * z + c_out * raw
+  got = np.asarray(jax.jit(lambda z, s: precond_apply(module, loaded, z, s, precond=precond))(z, sigma))
+  np.testing.assert_allclose(got, expected_d, rtol=1e-4, atol=1e-4 * np.abs(expected_d).max())
+  # σ = 0: D = z exactly, also for VE, whose c_noise = ln(σ/2) is −inf there.
+  zero = np.asarray(precond_apply(module, loaded, z[:1], 0.0, precond=precond))
+  np.testing.assert_array_equal(zero, z[:1])
+
+
+def test_baseline_pickles_with_missing_or_bad_settings_are_refused(tmp_path, persistence):
+  data, _ = _edm_pickle(tmp_path, "numpy", 4, precond="VPPrecond")
+  snapshot = edm_pickle.load_pickle(data)
+  source = _source(tmp_path / "marker")
+  # Settings are read before the model, which may then be an empty stand-in.
+  state = dict(snapshot["ema"].state, _modules={"model": _NumpyPersistent(source, "SongUNet", {})})
+  del state["beta_d"]
+  with pytest.raises(ValueError, match="the VPPrecond lacks beta_d"):
+    edm_pickle.load_edm_pickle(pickle.dumps({"ema": _NumpyPersistent(source, "VPPrecond", state)}))
+  state["sigma_min"] = -1.0
+  with pytest.raises(ValueError, match="the VEPrecond has invalid settings: sigma_min must be positive"):
+    edm_pickle.load_edm_pickle(pickle.dumps({"ema": _NumpyPersistent(source, "VEPrecond", state)}))

@@ -19,6 +19,7 @@ from pspc_jax import schedules, validation
 from pspc_jax.denoisers import values
 from pspc_jax.denoisers.flex import SensitivityMaps
 from pspc_jax.denoisers.gaussian import gaussian_stats
+from pspc_jax.edm import EDMPrecond, Preconditioning
 
 Denoiser = values.Denoiser
 _BUILDERS: dict[str, Callable[..., Denoiser]] = {}
@@ -119,14 +120,17 @@ def _gaussian(data, *, rank: int | None = None) -> Denoiser:
 
 
 @register("network")
-def _network(data, *, module: Any = None, params: Any = None, sigma_data: float = 0.5) -> Denoiser:
-  """A network with EDM preconditioning from its Flax `module` and `params` (read a checkpoint with
-  `pspc_jax.checkpoints.load_network`; --checkpoint=DIR at the command line)."""
+def _network(data, *, module: Any = None, params: Any = None,
+             precond: Preconditioning = EDMPrecond()) -> Denoiser:
+  """A network from its Flax `module`, `params` and preconditioning `precond` (`pspc_jax.edm`:
+  EDMPrecond(σ_data), EDM's VPPrecond or VEPrecond); a checkpoint gives all three
+  (`pspc_jax.checkpoints.load_network` and `checkpoints.preconditioning`; --checkpoint=DIR at the
+  command line)."""
   if module is None or params is None:
     raise ValueError("the network denoiser needs a checkpoint: module= and params= (pspc_jax.checkpoints."
                      "load_network(path) reads them; --checkpoint=DIR at the command line)")
   del data  # the network does not read the training set
-  return values.NetworkDenoiser(params, module, float(sigma_data))
+  return values.NetworkDenoiser(params, module, precond)
 
 
 @register("els")

@@ -33,6 +33,7 @@ from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.flex import SensitivityMaps, flex_branches
 from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise
 from pspc_jax.denoisers.pspc import composite_denoise, pspc_square_denoise
+from pspc_jax.edm import EDMPrecond, Preconditioning
 
 
 @runtime_checkable
@@ -241,17 +242,18 @@ class CFDMDenoiser:
 
 @denoiser_value
 class NetworkDenoiser:
-  """A network F with EDM preconditioning, D = c_skip·z + c_out·F(c_in·z, c_noise)
+  """A network F with its preconditioning, D = c_skip·z + c_out·F(c_in·z, c_noise)
   (`nets.precond.precond_apply`).
 
   Attributes:
     params: the network's parameters (leaves).
     module: the Flax module (static, hashable).
-    sigma_data: the data's standard deviation (static; 0.5 for [-1, 1] images).
+    precond: the preconditioning (static, hashable): `pspc_jax.edm.EDMPrecond(sigma_data)` (default
+      σ_data = 0.5, for [-1, 1] images) or EDM's baselines `VPPrecond` / `VEPrecond`.
   """
   params: Any
   module: Any = static()
-  sigma_data: float = static(0.5)
+  precond: Preconditioning = static(EDMPrecond())
 
   def __call__(self, z, sigma):
     from pspc_jax.nets.precond import precond_apply  # the networks are imported only when used
@@ -259,7 +261,7 @@ class NetworkDenoiser:
     # σ checked (concrete) or made NaN where invalid (traced), as in the other denoisers.
     validation.check_finite(z, "z")
     sigma = images.sigma_per_sample(sigma, jnp.shape(z)[0])
-    return precond_apply(self.module, self.params, z, sigma, sigma_data=self.sigma_data)
+    return precond_apply(self.module, self.params, z, sigma, precond=self.precond)
 
 
 def is_shardable(denoiser) -> bool:

@@ -1,9 +1,11 @@
 """The job behind `bin/evaluate`: every denoiser on every (σ, evaluation set), MSE tables and figures.
 
 For every σ of a grid and every evaluation set of noisy images z (`pspc_jax.evaluation.forward_set`,
-`pspc_jax.evaluation.reverse_set`), every denoiser's output D(z, σ) and the mean squared error between
-every pair of denoisers (paper Fig. 2/6), optionally with the patch-level analysis of Fig. 4
-(`patch_posterior_means` of every s×s window against the same window of a target denoiser's output).
+`pspc_jax.evaluation.reverse_set`, or z given from a file: the set "given", a
+`pspc_jax.evaluation.GivenSet` evaluated at its own σ), every denoiser's output D(z, σ) and the mean
+squared error between every pair of denoisers (paper Fig. 2/6), optionally with the patch-level
+analysis of Fig. 4 (`patch_posterior_means` of every s×s window against the same window of a target
+denoiser's output).
 
 Outputs in the output folder: config.json, results.json (the resumption state: finished (σ, set) and
 all rows), mse.csv / mse.json (tidy rows sigma, set, denoiser_a, denoiser_b, mse, count),
@@ -38,15 +40,17 @@ from pspc_jax import multihost
 from pspc_jax.batching import map_batched
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.values import apply_denoiser, as_argument
-from pspc_jax.evaluation import (SETS, Denoiser, PatchMeans, default_sigmas, extract_patches,
-                                 forward_set, mse, mse_lookup, pairwise_mse, patch_target,
-                                 reverse_set)
+from pspc_jax.evaluation import (GIVEN, SETS, Denoiser, GivenSet, PatchMeans, default_sigmas,
+                                 extract_patches, forward_set, mse, mse_lookup, pairwise_mse,
+                                 patch_target, reverse_set)
 from pspc_jax.files import prepare_run_dir, save_json, save_npz
 from pspc_jax.jobs.tables import write_table
 from pspc_jax.progress import SILENT, Progress, compile_jitted
 
 MSE_COLUMNS = ("sigma", "set", "denoiser_a", "denoiser_b", "mse", "count")
 PATCH_COLUMNS = ("sigma", "set", "patch_size", "target", "mse", "count")
+# Every evaluation set, in table order: the drawn ones, then z given from a file.
+ALL_SETS = SETS + (GIVEN,)
 _STATE_FILE = "results.json"
 _REVERSE_FILE = "reverse_set.npz"
 
@@ -115,15 +119,36 @@ class _Plan(NamedTuple):
   reference: str
   steps: int
   solver: str
+  given: GivenSet | None
+
+
+def _given_set(images: np.ndarray, sets, given: GivenSet | None, sigmas, count: int
+               ) -> GivenSet | None:
+  """The given set restricted to what the evaluation uses (`GivenSet.select`), or None.
+
+  Raises:
+    ValueError: "given" in `sets` without z, z without "given" in `sets`, or z of another image shape.
+  """
+  if (GIVEN in sets) != (given is not None):
+    raise ValueError("the set 'given' needs z from a file (--z=FILE), and --z needs 'given' in --sets"
+                     if given is None else
+                     f"z are given ({given.source}) but the set '{GIVEN}' is not in --sets")
+  if given is None:
+    return None
+  if given.z.shape[2:] != images.shape[1:]:
+    raise ValueError(f"the z of {given.source} are images of shape {given.z.shape[2:]}, the training "
+                     f"set's are {images.shape[1:]}")
+  return given.select(sigmas, count)
 
 
 def _plan(images: np.ndarray, denoisers, sigmas, sets, patch_sizes, count: int, seed: int,
-          batch_size: int, reference: str, steps: int, solver: str, progress: Progress) -> _Plan:
+          batch_size: int, reference: str, steps: int, solver: str, given: GivenSet | None,
+          progress: Progress) -> _Plan:
   """Checks and normalises `evaluate_run`'s arguments; adds the patch targets to the denoisers."""
-  unknown = [s for s in sets if s not in SETS]
+  unknown = [s for s in sets if s not in ALL_SETS]
   if unknown or not sets:
     raise ValueError(f"unknown evaluation set {unknown[0] if unknown else '(none)'}; use "
-                     f"{' and/or '.join(SETS)}")
+                     f"{', '.join(ALL_SETS)}")
   denoisers = list(dict.fromkeys(denoisers))
   if not denoisers:
     raise ValueError("give at least one denoiser")
@@ -136,26 +161,42 @@ def _plan(images: np.ndarray, denoisers, sigmas, sets, patch_sizes, count: int, 
     if target not in denoisers:
       progress.note(f"patch analysis on the {name} set compares with {target}: evaluating it too")
       denoisers.append(target)
+  given_sigmas = sigmas
   sigmas = [float(s) for s in (default_sigmas(steps) if sigmas is None else
                                np.sort(np.asarray(sigmas, np.float32))[::-1])]
   if not sigmas or min(sigmas) <= 0:
     raise ValueError("need at least one σ, all positive")
   if count < 1 or batch_size < 1:
     raise ValueError("--count and --batch must be at least 1")
+  given = _given_set(images, sets, given, given_sigmas, count)
   # No compiled batch larger than a whole set.
   return _Plan(denoisers, sigmas, list(sets), patch_sizes, count, seed, min(batch_size, count),
-               reference, steps, solver)
+               reference, steps, solver, given)
+
+
+def _units(plan: _Plan) -> list[tuple[float, str]]:
+  """The (σ, set) of an evaluation, σ descending: the drawn sets at the plan's σ (at each σ in the
+  order of `plan.sets`), the given set at its own σ (after the drawn sets at an equal σ)."""
+  units = [(s, name) for s in plan.sigmas for name in plan.sets if name != GIVEN]
+  if plan.given is not None:
+    units += [(float(s), GIVEN) for s in plan.given.sigmas]
+  return sorted(units, key=lambda unit: -unit[0])
 
 
 def _config(images: np.ndarray, plan: _Plan, options: dict, dataset_name: str) -> dict:
-  """config.json of a run: what its results depend on (not the mesh: only float32 rounding)."""
-  return {"denoisers": plan.denoisers,
-          "options": {n: {k: str(v) for k, v in o.items()} for n, o in options.items()
-                      if n in plan.denoisers or n == plan.reference},
-          "sigmas": plan.sigmas, "sets": plan.sets, "count": plan.count, "seed": plan.seed,
-          "reference": plan.reference if "reverse" in plan.sets else None, "steps": plan.steps,
-          "solver": plan.solver, "patch_sizes": plan.patch_sizes, "dataset": dataset_name,
-          "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
+  """config.json of a run: what its results depend on (not the mesh: only float32 rounding); the
+  given set by its σ and the SHA-256 of its z."""
+  config = {"denoisers": plan.denoisers,
+            "options": {n: {k: str(v) for k, v in o.items()} for n, o in options.items()
+                        if n in plan.denoisers or n == plan.reference},
+            "sigmas": plan.sigmas, "sets": plan.sets, "count": plan.count, "seed": plan.seed,
+            "reference": plan.reference if "reverse" in plan.sets else None, "steps": plan.steps,
+            "solver": plan.solver, "patch_sizes": plan.patch_sizes, "dataset": dataset_name,
+            "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
+  if plan.given is not None:
+    config["given"] = {"source": plan.given.source, "sigmas": [float(s) for s in plan.given.sigmas],
+                       "sha256": plan.given.fingerprint()}
+  return config
 
 
 def evaluate_run(images: np.ndarray, *, denoisers: Sequence[str], outdir: str,
@@ -163,8 +204,9 @@ def evaluate_run(images: np.ndarray, *, denoisers: Sequence[str], outdir: str,
                  options: Mapping[str, Mapping] | None = None,
                  sigmas: Sequence[float] | None = None, sets: Sequence[str] = SETS, count: int = 64,
                  seed: int = 0, batch_size: int = 16, reference: str = "network", steps: int = 18,
-                 solver: str = "heun", patch_sizes: Sequence[int] = (), dataset_name: str = "",
-                 mesh=None, plot: bool = True, progress: Progress = SILENT) -> dict | None:
+                 solver: str = "heun", patch_sizes: Sequence[int] = (), given: GivenSet | None = None,
+                 dataset_name: str = "", mesh=None, plot: bool = True,
+                 progress: Progress = SILENT) -> dict | None:
   """Evaluates `denoisers` on every (σ, set) and writes the MSE tables and figures (module doc).
 
   Args:
@@ -174,16 +216,19 @@ def evaluate_run(images: np.ndarray, *, denoisers: Sequence[str], outdir: str,
     make: `make(name) -> denoiser`; default `registry_maker(images, options, mesh)`. Called at most
       once per name, and only when something is left to compute.
     options: builder options per name (recorded in config.json; used by the default `make`).
-    sigmas: noise levels (default `default_sigmas(steps)`), evaluated in descending order.
-    sets: subset of ("forward", "reverse").
+    sigmas: noise levels (default `default_sigmas(steps)`), evaluated in descending order. The given
+      set is evaluated at those of its own σ that are among `sigmas` (all of them by default).
+    sets: subset of ("forward", "reverse", "given"); "given" if and only if `given` is set.
     count: z per σ and set (the reverse set: `count` trajectories, seeds seed … seed+count−1).
     seed: base seed of both sets.
     batch_size: z per compiled denoiser call.
     reference: the denoiser whose trajectories make the reverse set.
     steps, solver: the reverse set's sampler (see `reverse_grid`).
     patch_sizes: when non-empty, also the patch analysis (Fig. 4) against `patch_target(set,
-      reference)` (empirical on the forward set, the reference on the reverse set), which is then
-      evaluated even if not in `denoisers` (it is added to the list).
+      reference)` (empirical on the forward set, the reference on the reverse and given sets), which
+      is then evaluated even if not in `denoisers` (it is added to the list).
+    given: z from a file (`pspc_jax.release_files.load_z_set`), the set "given": its first `count` z
+      at each selected σ. Recorded in config.json by its σ and the SHA-256 of its z.
     dataset_name: recorded in config.json.
     mesh: optional device mesh for the default `make` (sharded datasets; results equal up to float32
       rounding, so it is not part of the configuration). `batch_size` should then be a multiple of the
@@ -203,9 +248,9 @@ def evaluate_run(images: np.ndarray, *, denoisers: Sequence[str], outdir: str,
   main = multihost.is_main_process()
   progress = progress if main else SILENT
   plan = _plan(images, denoisers, sigmas, sets, patch_sizes, count, seed, batch_size, reference,
-               steps, solver, progress)
+               steps, solver, given, progress)
   options = {name: dict(options.get(name, {})) for name in options} if options else {}
-  units = [(s, name) for s in plan.sigmas for name in plan.sets]
+  units = _units(plan)
   state, reverse_saved = _resume(outdir, _config(images, plan, options, dataset_name), units,
                                  progress)
   finished = {(float(s), name) for s, name in state["finished"]}
@@ -298,7 +343,8 @@ def _compute(images: np.ndarray, plan: _Plan, make: Callable[[str], Denoiser],
   with progress.bar(total=num_units * per_unit, initial=(num_units - len(todo)) * per_unit,
                     desc="evaluating", unit="output") as bar:
     for sigma, set_name in todo:
-      z = forward.z(sigma) if set_name == "forward" else reverse[sigma]
+      z = (forward.z(sigma) if set_name == "forward" else
+           reverse[sigma] if set_name == "reverse" else plan.given.at(sigma))
       rows, patch_rows = _evaluate_unit(z, sigma, set_name, plan.reference, calls, patch_fns, bar)
       state["mse"].extend(rows)
       state["patch_mse"].extend(patch_rows)
@@ -377,7 +423,7 @@ def _evaluate_unit(z: np.ndarray, sigma: float, set_name: str, reference: str,
 def _save_state(outdir: str, state: dict) -> dict:
   """results.json first (the resumption state), then the table views; rows sorted by σ descending
   (then set, then computation order). Returns the sorted state."""
-  key = {name: k for k, name in enumerate(SETS)}
+  key = {name: k for k, name in enumerate(ALL_SETS)}
   order = lambda row: (-row["sigma"], key[row["set"]])  # noqa: E731
   state = {"finished": state["finished"], "mse": sorted(state["mse"], key=order),
            "patch_mse": sorted(state["patch_mse"], key=order)}
@@ -404,7 +450,7 @@ def format_pivot(rows: Sequence[Mapping], set_name: str,
 
   Args:
     rows: MSE table rows (`evaluate_run`).
-    set_name: "forward" or "reverse".
+    set_name: "forward", "reverse" or "given".
     pairs: the (a, b) columns (default: every pair present, in table order).
   """
   rows = [row for row in rows if row["set"] == set_name]

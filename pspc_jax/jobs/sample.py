@@ -2,9 +2,13 @@
 
 It writes into an output folder: config.json, samples.npz (seeds, samples in [-1, 1], uint8 images,
 nearest-neighbour indices and distances), samples.png (grid), nearest.png (each sample above its
-nearest training image, with the distance). `samples.npz` is rewritten after every finished batch, so
-an interrupted run loses at most one batch; rerunning the same command resumes with the seeds that are
-missing.
+nearest training image, with the distance), and on request the samples in the official release's
+layout (`pspc_jax.release_files.save_release_samples`). `samples.npz` is rewritten after every
+finished batch, so an interrupted run loses at most one batch; rerunning the same command resumes with
+the seeds that are missing.
+
+Latents are drawn from the seeds (`latents_from_seeds`), or given (e.g. the release's z_init,
+`pspc_jax.release_files.load_release_latents`): then the "seeds" are row indices into them.
 
 In a multi-host run (`--multihost`) every process samples every batch (the sharded denoiser's
 collectives need them all); only process 0 reads and writes the folder, reports progress and searches
@@ -16,6 +20,7 @@ progress bar, reading a sample run back (`read_sample_run`) and the denoiser opt
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -35,6 +40,7 @@ from pspc_jax.files import prepare_run_dir, save_npz
 from pspc_jax.images import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.progress import SILENT, Progress, compile_jitted
+from pspc_jax.release_files import check_samples_path, save_release_samples
 from pspc_jax.sampling import SOLVERS, latents_from_seeds, sample
 
 _SAMPLES_FILE = "samples.npz"
@@ -57,16 +63,19 @@ def _load_samples(npz_path: str) -> dict[int, np.ndarray]:
     return dict(zip(saved["seeds"].tolist(), saved["samples"]))
 
 
-def seed_batches(seeds: list[int], batch_size: int,
-                 image_shape) -> Iterator[tuple[list[int], jax.Array]]:
+def seed_batches(seeds: list[int], batch_size: int, image_shape,
+                 latents: np.ndarray | None = None) -> Iterator[tuple[list[int], jax.Array]]:
   """Yields (batch, latents) for `seeds` in batches of `batch_size`.
 
   Latents (batch_size, H, W, C) are `latents_from_seeds` of the batch padded with its last seed to
   `batch_size` rows, so that every batch has one compiled shape; callers keep the first len(batch)
-  rows of the outputs.
+  rows of the outputs. With given `latents` (N, H, W, C), the seeds are row indices into them and the
+  batch's latents are those rows.
   """
   for start, size, padded in padded_batches(np.asarray(seeds), batch_size):
-    yield seeds[start:start + size], latents_from_seeds(jnp.asarray(padded), image_shape)
+    batch = (latents_from_seeds(jnp.asarray(padded), image_shape) if latents is None
+             else jnp.asarray(latents[padded], jnp.float32))
+    yield seeds[start:start + size], batch
 
 
 class StepPostfix:
@@ -106,20 +115,44 @@ def _check_sampling(images: np.ndarray, steps: int, solver: str, batch_size: int
     raise ValueError(f"unknown --solver={solver!r}; choose one of {', '.join(SOLVERS)}")
 
 
+def _latents_record(latents: np.ndarray, seeds: list[int], image_shape) -> dict:
+  """config.json's record of given latents: how many the file holds and the SHA-256 of the rows used
+  (float32, in seed order).
+
+  Raises:
+    ValueError: latents of another image shape, or a seed that is not a row of them.
+  """
+  if latents.ndim != 4 or latents.shape[1:] != tuple(image_shape):
+    raise ValueError(f"--latents holds images of shape {latents.shape[1:]}, the training set's are "
+                     f"{tuple(image_shape)}")
+  if max(seeds) >= len(latents):
+    raise ValueError(f"with --latents, --seeds/--num_samples pick rows of the {len(latents)} latents; "
+                     f"row {max(seeds)} does not exist")
+  used = np.ascontiguousarray(latents[np.asarray(seeds)], np.float32)
+  return {"rows": len(latents), "sha256": hashlib.sha256(used.tobytes()).hexdigest()}
+
+
 def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[int], steps: int,
                solver: str, outdir: str, batch_size: int, dataset_name: str = "",
+               latents: np.ndarray | None = None, export_release: str | None = None,
                mesh=None, progress: Progress = SILENT) -> dict | None:
   """Samples one image per seed with the PF-ODE and `denoiser`, saving as it goes.
 
   Args:
     images: (N, H, W, C) uint8 training set, N ≥ 2.
     denoiser: registry name; `options` are passed to its builder.
-    seeds: one image per seed; image k depends only on its seed.
+    seeds: one image per seed; image k depends only on its seed (with `latents`: on row seeds[k]).
     steps: EDM grid steps (σ 80 → 0.002, then 0).
     solver: "heun" or "euler".
     outdir: output folder (created; resumed when it holds the same configuration).
     batch_size: images per compiled batch.
     dataset_name: recorded in config.json.
+    latents: given (N, H, W, C) float32 latents in N(0, I) units instead of `latents_from_seeds`
+      (the sampler multiplies them by σ_max = 80); the seeds are then row indices into them. The
+      official release's z_init (already × σ_max): `release_files.load_release_latents`. Recorded in
+      config.json by the SHA-256 of the rows used.
+    export_release: also write the samples (in seed order) to this .npy in the official release's
+      layout (N, C, H, W) (`release_files.save_release_samples`; process 0 only).
     mesh: a device mesh (`pspc_jax.distributed.make_mesh`) to shard the dataset over, for the
       denoisers that support it (empirical, pspc_square, pspc_flex); None: one device. The samples
       do not depend on it beyond float32 rounding, so it is not part of the resumable configuration.
@@ -128,8 +161,8 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
 
   Returns:
     On process 0: a summary dict (number of samples, mean/min nearest-neighbour distance, mean
-    nearest/second-nearest ratio, seconds, outdir). On the other processes of a multi-host run, which
-    write nothing: None.
+    nearest/second-nearest ratio, seconds, outdir, export_release). On the other processes of a
+    multi-host run, which write nothing: None.
 
   Raises:
     ValueError: bad arguments or options (before anything is written), or `outdir` holds a run of
@@ -137,9 +170,13 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
   """
   start = time.perf_counter()
   _check_sampling(images, steps, solver, batch_size)
+  if export_release is not None:
+    export_release = check_samples_path(export_release)
   config = {"denoiser": denoiser, "options": config_options(options),
             "seeds": seeds, "steps": steps, "solver": solver, "dataset": dataset_name,
             "num_train_images": int(images.shape[0]), "image_shape": list(images.shape[1:])}
+  if latents is not None:
+    config["latents"] = _latents_record(np.asarray(latents), seeds, images.shape[1:])
   data = jnp.asarray(images)
   # Built before anything is written, so that bad options (schedules, maps, checkpoint) leave no
   # output folder behind. With a mesh, the host array is handed over so that each device receives
@@ -156,12 +193,15 @@ def sample_run(images: np.ndarray, *, denoiser: str, options: dict, seeds: list[
   main = multihost.is_main_process()
   _sample_batches(denoise, edm_sigmas(steps), solver, [s for s in seeds if s not in done],
                   batch_size, images.shape[1:], save_so_far if main else None, progress,
-                  per_step=mesh is None)
+                  per_step=mesh is None, latents=latents)
   if not main:
     return None
   samples = np.stack([done[s] for s in seeds]).astype(np.float32)
   summary = _save_samples_and_neighbours(outdir, images, data, seeds, samples)
-  return dict(summary, seconds=time.perf_counter() - start, outdir=outdir)
+  if export_release is not None:
+    save_release_samples(export_release, samples)
+  return dict(summary, seconds=time.perf_counter() - start, outdir=outdir,
+              export_release=export_release)
 
 
 def _resume(outdir: str, config: dict, seeds: list[int], progress: Progress) -> dict:
@@ -197,15 +237,16 @@ def _resume(outdir: str, config: dict, seeds: list[int], progress: Progress) -> 
 
 def _sample_batches(denoise, sigmas: jax.Array, solver: str, seeds: list[int], batch_size: int,
                     image_shape, on_batch: Callable[[list[int], np.ndarray], None] | None,
-                    progress: Progress, *, per_step: bool) -> None:
+                    progress: Progress, *, per_step: bool, latents: np.ndarray | None = None) -> None:
   """Samples `seeds` on the σ grid `sigmas` batch by batch, calling `on_batch(batch seeds,
-  (len(batch), H, W, C) samples)` after each.
+  (len(batch), H, W, C) samples)` after each; with given `latents`, seeds are rows of them
+  (`seed_batches`).
 
   The batch sampler (the denoiser an argument, not a constant) is compiled once as its own phase, then
   a bar counts the batches. With `per_step` the sampler reports each step on the bar's postfix (an
   ordered host callback, which XLA allows on one device only).
   """
-  batches = seed_batches(seeds, batch_size, image_shape)
+  batches = seed_batches(seeds, batch_size, image_shape, latents)
   first = next(batches, None)
   if first is None:
     return
@@ -259,11 +300,15 @@ def read_sample_run(folder: str, images: np.ndarray) -> tuple[dict, tuple[str, d
     {seed: sample} of the samples saved there).
 
   Raises:
-    ValueError: the run was sampled on a training set of another size or image shape.
+    ValueError: the run was sampled on a training set of another size or image shape, or from given
+      latents (which the seeds alone do not re-create).
     OSError: the folder lacks config.json or samples.npz.
   """
   with open(os.path.join(folder, "config.json")) as f:
     config = json.load(f)
+  if "latents" in config:
+    raise ValueError(f"{folder} was sampled from given latents (bin/sample --latents); its seeds do not "
+                     "re-create them")
   if [config["num_train_images"]] + config["image_shape"] != list(images.shape):
     raise ValueError(f"{folder} was sampled on {config['num_train_images']} images of "
                      f"{config['image_shape']}; pass the same --dataset/--max_images/--flip")

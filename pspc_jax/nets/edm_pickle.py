@@ -12,6 +12,10 @@ become `TorchModule` records; tensors are decoded by NumPy from the bytes torch 
 State-dict keys map to Flax param paths by the rule in `pspc_jax.nets.songunet`, row by row of
 `_LEAF_RULES`; buffers carry no params and are checked instead: resampling filters against the config's
 `resample_filter`, NCSN++'s `map_noise.freqs` against the config's `fourier_freqs`.
+
+`load_edm_pickle` recognises the preconditioning by the class the pickle names: EDMPrecond (EDM's own
+networks), VPPrecond and VEPrecond (EDM's VP and VE baselines), each around a SongUNet; their settings
+become a preconditioning value of `pspc_jax.edm`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import io
 import pickle
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from pspc_jax.edm import EDMPrecond, Preconditioning, VEPrecond, VPPrecond
 from pspc_jax.nets import songunet
 from pspc_jax.nets.layers import resample_filter_2d
 from pspc_jax.nets.state_dicts import (LeafRule, identity, match_rule, module_from_config,
@@ -433,20 +438,59 @@ def songunet_config(model: PersistentObject) -> dict:
   return songunet.config_of(songunet.build(**kwargs))
 
 
-def _precond_info(net: PersistentObject) -> dict:
+# The preconditioning classes `load_edm_pickle` converts: their value in `pspc_jax.edm`, built from the
+# attributes of the same names (VPPrecond, VEPrecond: EDM's VP and VE baselines).
+_PRECONDS = {"EDMPrecond": (EDMPrecond, ("sigma_data",)),
+             "VPPrecond": (VPPrecond, ("beta_d", "beta_min", "M", "epsilon_t")),
+             "VEPrecond": (VEPrecond, ("sigma_min", "sigma_max"))}
+_COMMON_ATTRS = {"label_dim": int, "use_fp16": bool, "img_resolution": int, "img_channels": int,
+                 "sigma_min": float, "sigma_max": float}
+
+
+class EDMNetwork(NamedTuple):
+  """A network read from an EDM pickle.
+
+  Attributes:
+    config: the SongUNet config (for `pspc_jax.nets.make_network`).
+    params: its Flax params.
+    precond: the preconditioning value (`pspc_jax.edm.EDMPrecond`, `VPPrecond` or `VEPrecond`).
+    info: the preconditioning object's settings as stored: {"class_name", "label_dim", "use_fp16",
+      "img_resolution", "img_channels", "sigma_min", "sigma_max"} and the class's own fields
+      ("sigma_data"; "beta_d", "beta_min", "M", "epsilon_t"; none for VEPrecond).
+  """
+  config: dict
+  params: dict
+  precond: Preconditioning
+  info: dict
+
+
+def _precond_of(net: PersistentObject) -> tuple[Preconditioning, dict]:
+  """(the preconditioning value, the stored settings) of an EDMPrecond/VPPrecond/VEPrecond record.
+
+  Raises:
+    ValueError: an attribute is missing or invalid.
+  """
+  cls, fields = _PRECONDS[net.class_name]
   state = net.state
-  return {"class_name": net.class_name, "sigma_data": float(state["sigma_data"]),
-          "sigma_min": float(state["sigma_min"]), "sigma_max": float(state["sigma_max"]),
-          "label_dim": int(state["label_dim"]), "use_fp16": bool(state["use_fp16"]),
-          "img_resolution": int(state["img_resolution"]), "img_channels": int(state["img_channels"])}
+  missing = [name for name in (*_COMMON_ATTRS, *fields) if name not in state]
+  if missing:
+    raise ValueError(f"the {net.class_name} lacks {', '.join(missing)}")
+  try:
+    info = {"class_name": net.class_name,
+            **{name: kind(state[name]) for name, kind in _COMMON_ATTRS.items()},
+            **{name: state[name] for name in fields}}
+    precond = cls(**{name: info[name] for name in fields})
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"the {net.class_name} has invalid settings: {err}") from None
+  return precond, {**info, **{name: getattr(precond, name) for name in fields}}
 
 
-# The preconditioning classes of EDM's baselines (networks, but not EDMPrecond).
-_OTHER_PRECONDS = ("VPPrecond", "VEPrecond", "iDDPMPrecond")
+def load_edm_pickle(source: str | Path | bytes | BinaryIO, key: str = "ema") -> EDMNetwork:
+  """Reads an EDM network pickle into a SongUNet and its preconditioning.
 
-
-def load_edm_pickle(source: str | Path | bytes | BinaryIO, key: str = "ema") -> tuple[dict, dict, dict]:
-  """Reads an EDM network pickle (e.g. edm-cifar10-32x32-uncond-vp.pkl) into a SongUNet.
+  EDM's own networks (edm-cifar10-32x32-uncond-vp.pkl, ...) are EDMPrecond objects; its baselines
+  (baseline-cifar10-32x32-uncond-vp.pkl / -ve.pkl, ...) are VPPrecond and VEPrecond objects. The
+  class the pickle names decides the preconditioning (`pspc_jax.edm`, Table 1 of Karras et al.).
 
   Args:
     source: as for `load_pickle`.
@@ -454,13 +498,12 @@ def load_edm_pickle(source: str | Path | bytes | BinaryIO, key: str = "ema") -> 
       the pickle holds the network itself.
 
   Returns:
-    (config, params, precond): the SongUNet config (for `pspc_jax.nets.make_network`), its Flax params,
-    and the EDMPrecond settings {"class_name", "sigma_data", "sigma_min", "sigma_max", "label_dim",
-    "use_fp16", "img_resolution", "img_channels"} (use sigma_data with `pspc_jax.nets.precond`).
+    EDMNetwork(config, params, precond, info).
 
   Raises:
     pickle.UnpicklingError: see `load_pickle`.
-    ValueError: the pickle holds no EDMPrecond-wrapped SongUNet, or its state does not convert.
+    ValueError: the pickle holds no EDMPrecond/VPPrecond/VEPrecond-wrapped SongUNet (iDDPMPrecond is
+      refused), its settings are incomplete, or its state does not convert.
   """
   root = load_pickle(source)
   net = root
@@ -468,15 +511,18 @@ def load_edm_pickle(source: str | Path | bytes | BinaryIO, key: str = "ema") -> 
     if key not in root:
       raise ValueError(f"the pickle has no {key!r} entry; it has {', '.join(map(str, root))}")
     net = root[key]
-  if isinstance(net, PersistentObject) and net.class_name in _OTHER_PRECONDS:
-    raise ValueError(f"the network is a {net.class_name}: EDM's VP/VE/iDDPM baselines use other "
-                     "preconditioning and are not supported; convert an EDMPrecond network")
-  if not isinstance(net, PersistentObject) or net.class_name != "EDMPrecond":
+  if isinstance(net, PersistentObject) and net.class_name == "iDDPMPrecond":
+    raise ValueError("the network is an iDDPMPrecond: EDM's iDDPM baseline (a DhariwalUNet with "
+                     "learned variances) is not supported; convert an EDMPrecond, VPPrecond or "
+                     "VEPrecond network")
+  if not isinstance(net, PersistentObject) or net.class_name not in _PRECONDS:
     where = f"entry {key!r}" if isinstance(root, Mapping) else "pickle"
-    raise ValueError(f"expected an EDMPrecond network, but the {where} holds {describe(net)}")
+    raise ValueError(f"expected an EDMPrecond, VPPrecond or VEPrecond network, but the {where} holds "
+                     f"{describe(net)}")
   model = (net.state.get("_modules") or {}).get("model")
   if not isinstance(model, PersistentObject):
-    raise ValueError("the EDMPrecond has no persistent 'model' submodule")
+    raise ValueError(f"the {net.class_name} has no persistent 'model' submodule")
+  precond, info = _precond_of(net)
   config = songunet_config(model)
   params = torch_state_to_flax(state_dict(model), config)
-  return config, params, _precond_info(net)
+  return EDMNetwork(config, params, precond, info)
