@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pspc_jax import evaluation as ev
+from pspc_jax import tuning
 from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.pspc import patch_posterior_means
 from pspc_jax.denoiser_options import build_denoiser
@@ -160,6 +161,9 @@ def test_forward_set_is_the_forward_process_convention():
     for sigma in (80.0, 0.3, 0.002):
       want = forward_samples(images, sigma, jnp.arange(6), seed)
       np.testing.assert_allclose(fs.z(sigma), np.asarray(want), rtol=1e-6, atol=1e-6)
+      # bin/tune_schedule draws its forward z through tuning.forward_set.
+      np.testing.assert_allclose(tuning.forward_set(images, sigma, 6, seed), fs.z(sigma),
+                                 rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="count must be at least 1"):
     ev.forward_set(images, 0)
 
