@@ -265,9 +265,11 @@ def shard(denoiser, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -
   """`denoiser` with its training set sharded over `mesh`: a denoiser value of the same results.
 
   The dataset is padded and split along `data_axis` (`shard_dataset`: each device receives only its
-  rows); query batches are split along `batch_axis`. Inside `jax.shard_map` every device streams its
-  shard with the single-device kernel and the softmin states are merged exactly across the data axis
-  (module docstring), so the output equals the unsharded denoiser's up to float32 rounding.
+  rows); query batches are split along `batch_axis`. A pixel-major copy of the dataset
+  (`values.with_pixel_major`) is dropped: it holds the unsharded rows. Inside `jax.shard_map` every
+  device streams its shard with the single-device kernel and the softmin states are merged exactly
+  across the data axis (module docstring), so the output equals the unsharded denoiser's up to
+  float32 rounding.
 
   Args:
     denoiser: a shardable denoiser value (`values.is_shardable`: empirical, pspc_square, pspc,
@@ -291,4 +293,6 @@ def shard(denoiser, mesh: Mesh, *, data_axis=DATA_AXIS, batch_axis=BATCH_AXIS) -
     batch_axis = None
   dataset = shard_dataset(denoiser.data, mesh, data_axis)
   inner = denoiser.replace(data=dataset.images, axis_name=data_axis, valid_rows=dataset.valid_rows)
+  if getattr(inner, "data_major", None) is not None:  # a copy of the unsharded dataset: drop it
+    inner = inner.replace(data_major=None)
   return ShardedDenoiser(inner, mesh, data_axis, batch_axis)

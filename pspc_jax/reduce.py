@@ -141,6 +141,20 @@ def exp_gap(values: jax.Array, reference: jax.Array, scale: jax.Array) -> jax.Ar
   return jnp.where(present, jnp.exp(gap * scale), 0.0)
 
 
+def exp_gap_finite(values: jax.Array, reference: jax.Array, scale: jax.Array) -> jax.Array:
+  """`exp_gap` for finite values (no padding row, no empty state): exp(max(values − reference, 0)·scale).
+
+  The same numbers as `exp_gap` wherever the values are finite, without its two selects, so that the
+  exponentials of a large chunk compile to one plain elementwise loop. A value below the reference (only
+  a rounding mismatch between two computations of the same distance could produce one) counts as the
+  reference, weight 1. Derivatives: those of exp((values − reference)·scale), i.e. the gap keeps its
+  derivative (the clamp is a stopped correction that is 0 unless that mismatch occurs).
+  """
+  gap = values - reference
+  gap = gap + lax.stop_gradient(jnp.maximum(gap, 0.0) - gap)
+  return jnp.exp(gap * scale)
+
+
 class SoftminStats(NamedTuple):
   """Running normaliser of a softmax over a stream of squared distances d_i with logits d_i · scale.
 
@@ -190,6 +204,28 @@ class SoftminStats(NamedTuple):
     weights = exp_gap(dists, jnp.expand_dims(new_min, axis), jnp.expand_dims(scale, axis))
     rescale = exp_gap(self.min_dist, new_min, scale)
     return SoftminStats(new_min, self.total * rescale + jnp.sum(weights, axis=axis)), weights, rescale
+
+  def add_finite(self, dists: jax.Array, scale: jax.Array, axis: int, *,
+                 guard: bool = True) -> "SoftminStats":
+    """`add` for a chunk of finite distances, returning only the new state (no weights).
+
+    Since the new minimum is taken over these very distances no gap is negative and no +inf needs
+    care, so the exponentials are one elementwise loop. `guard=False` skips `same_values` when the
+    caller knows the distances are stored once by a non-fusible operation (a window sum by
+    `reduce_window`, a matmul or a loop), so that the minimum and the exponentials read the same
+    numbers anyway. (The select on gap ≥ 0, always true, keeps the exponentials in XLA's own loop:
+    fused into the sum, XLA CPU hands exp-and-sum to YNNPACK in some programs and not in others, e.g.
+    not inside `jax.shard_map`, and YNNPACK's exp differs in the last bit, so a one-device mesh would
+    not reproduce the unsharded bits.)
+    """
+    if guard:
+      dists = same_values(dists)
+    new_min = lax.stop_gradient(jnp.minimum(self.min_dist, jnp.min(dists, axis=axis)))
+    gaps = dists - jnp.expand_dims(new_min, axis)
+    weights = jnp.where(gaps >= 0, jnp.exp(gaps * jnp.expand_dims(scale, axis)), 0.0)
+    chunk_total = jnp.sum(weights, axis=axis)
+    rescale = exp_gap(self.min_dist, new_min, scale)
+    return SoftminStats(new_min, self.total * rescale + chunk_total)
 
   @staticmethod
   def weights(dists, min_dist, scale, axis):

@@ -9,8 +9,10 @@ import pytest
 
 import pspc_jax as pj
 from pspc_jax.data import load_dataset
+from pspc_jax import reduce
 from pspc_jax.denoisers.masks import SquareWindows
-from pspc_jax.denoisers.pspc import composite_denoise
+from pspc_jax.denoisers.pspc import composite_denoise, pixel_major_data
+from pspc_jax.denoisers.values import with_pixel_major
 from reference import (empirical_reference, make_problem, pspc_reference, square_masks,
                        to_float64)
 
@@ -140,6 +142,72 @@ def test_bad_inputs_raise_clear_errors():
     pj.empirical_denoise(z, jnp.ones(3), data)
   with pytest.raises(ValueError, match="unknown denoiser 'nope'"):
     pj.make_denoiser("nope", data)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("num,chunk_size", [(150, 64), (150, 128), (75, None), (75, 32), (40, 64)])
+def test_pixel_major_copy_gives_the_same_bits(dtype, num, chunk_size):
+  """`data_major` is read for the full chunks (one or two 64-row blocks) and the dataset for the rest;
+  a chunk size that is no multiple of a block (32, or the default 75 = N), or fewer rows than a block
+  (40), ignores it."""
+  z, data = make_problem(6, 7, 3, num=num, batch=3, sigma=0.3, dtype=dtype)
+  major = pixel_major_data(data)
+  for masks in (SquareWindows(6, 7, 1), SquareWindows(6, 7, 3), SquareWindows(6, 7, 5)):
+    fn = jax.jit(lambda z, d, m, masks=masks: composite_denoise(
+        z, 0.3, d, masks, chunk_size=chunk_size, data_major=m))
+    np.testing.assert_array_equal(fn(z, data, major), fn(z, data, None))
+  cached = jax.jit(lambda z, d, m: composite_denoise(
+      z, 0.3, d, SquareWindows(6, 7, 5), data_major=m, chunk_size=chunk_size, cache_bytes=3000))
+  np.testing.assert_array_equal(cached(z, data, major), cached(z, data, None))
+
+
+def test_pixel_major_copy_must_match_the_dataset():
+  z, data = make_problem(6, 6, 3, num=70, batch=2, sigma=0.5)
+  with pytest.raises(ValueError, match="data_major must be pixel_major_data"):
+    pj.pspc_square_denoise(z, 0.5, data, 3, data_major=pixel_major_data(data[:40]))
+  with pytest.raises(ValueError, match="data_major must be pixel_major_data"):
+    pj.pspc_square_denoise(z, 0.5, data, 3,
+                           data_major=pixel_major_data(jnp.asarray(data, jnp.float32)))
+  with pytest.raises(ValueError, match="data_major must be pixel_major_data"):
+    pj.pspc_square_denoise(z, 0.5, data, 6, data_major=data)  # checked for the whole image too
+
+
+def test_with_pixel_major_holds_a_copy_under_the_budget():
+  z, data = make_problem(6, 6, 3, num=70, batch=2, sigma=0.5)
+  denoiser = pj.make_denoiser("pspc_square", data, patch_schedule=3, chunk_size=64)
+  with_copy = with_pixel_major(denoiser)
+  assert with_copy.data_major is not None and denoiser.data_major is None
+  np.testing.assert_array_equal(with_copy.data_major.blocks, pixel_major_data(data).blocks)
+  run = jax.jit(lambda d, z: d(z, 0.5))
+  np.testing.assert_array_equal(run(with_copy, z), run(denoiser, z))
+  assert with_pixel_major(denoiser, max_bytes=data.size - 1).data_major is None
+  assert with_pixel_major(with_copy) is with_copy
+  with pytest.raises(ValueError, match="takes no pixel-major dataset copy"):
+    with_pixel_major(pj.make_denoiser("empirical", data))
+  with pytest.raises(ValueError, match="max_bytes"):
+    with_pixel_major(denoiser, max_bytes=-1)
+
+
+def test_finite_softmin_path_matches_the_general_one():
+  """`SoftminStats.add_finite` and `exp_gap_finite` give `add`'s and `exp_gap`'s values and
+  derivatives for finite distances (the pass-1 and pass-2 fast paths of the pixel-major kernel)."""
+  rng = np.random.default_rng(4)
+  dists = jnp.asarray(rng.uniform(0.0, 5.0, (2, 6, 7)), jnp.float32)
+  scale = jnp.asarray([[-0.7, -3.0]], jnp.float32).T  # (2, 1) against (2, 6) states
+  state = reduce.SoftminStats.empty((2, 6)).add(dists[..., :3], scale, axis=2)[0]
+  general = state.add(dists[..., 3:], scale, axis=2)[0]
+  finite = state.add_finite(dists[..., 3:], scale, axis=2)
+  np.testing.assert_array_equal(finite.min_dist, general.min_dist)
+  np.testing.assert_allclose(finite.total, general.total, rtol=1e-6)
+  reference = general.min_dist[..., None]
+
+  def weights(fn, d):
+    return jnp.sum(fn(d, reference, scale[..., None]) * jnp.arange(7.0))
+
+  for fn in (reduce.exp_gap, reduce.exp_gap_finite):
+    np.testing.assert_allclose(weights(fn, dists), weights(reduce.exp_gap, dists), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(weights, argnums=1)(fn, dists),
+                               jax.grad(weights, argnums=1)(reduce.exp_gap, dists), rtol=1e-6)
 
 
 CIFAR_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",

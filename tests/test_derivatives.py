@@ -17,6 +17,7 @@ from pspc_jax import checkpoints
 from pspc_jax.data import load_dataset
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.cfdm import cfdm_noise
+from pspc_jax.denoisers.pspc import pixel_major_data
 from pspc_jax.denoisers.registry import available_denoisers, make_denoiser
 from pspc_jax.maps_files import load_maps
 from pspc_jax.sensitivity import abs_jacobian_sum
@@ -107,12 +108,15 @@ def test_every_registry_denoiser_is_differentiable_in_z_and_sigma(digits, tmp_pa
 
 
 # Kernel paths the registry defaults do not take on 48 digits: padding rows (+inf distances, rows 44-47)
-# in both denoisers, and PSPC's pass-1 weights cache (3 of the 6 chunks: 9 masks · 2 queries · 8 rows ·
-# 4 bytes each).
+# in both denoisers, PSPC's pass-1 weights cache (3 of the 6 chunks: 9 masks · 2 queries · 8 rows ·
+# 4 bytes each), and a pixel-major dataset copy (72 rows: one 64-row chunk from it, 8 from the dataset).
 PATHS = {
     "pspc_square cache and padding": lambda z, s, d: pj.pspc_square_denoise(
         z, s, d, 6, chunk_size=8, cache_bytes=3 * 576, valid_rows=44),
     "empirical padding": lambda z, s, d: pj.empirical_denoise(z, s, d, chunk_size=8, valid_rows=44),
+    "pspc_square pixel-major copy": lambda z, s, d: pj.pspc_square_denoise(
+        z, s, np.concatenate([d, d[:24]]), 3, chunk_size=64,
+        data_major=pixel_major_data(np.concatenate([d, d[:24]]))),
 }
 
 

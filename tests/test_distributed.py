@@ -256,6 +256,27 @@ def test_padding_rows_get_no_weight_on_one_device():
                                  atol=TOL, rtol=0)
 
 
+def test_shard_drops_the_pixel_major_copy():
+  """The copy holds the unsharded dataset, so the sharded value streams its shard without it."""
+  import jax
+  import jax.numpy as jnp
+
+  import pspc_jax as pj
+  from pspc_jax import distributed
+  from pspc_jax.denoisers.values import with_pixel_major
+
+  data, queries = _problem(70)
+  denoiser = pj.make_denoiser("pspc_square", data, patch_schedule=3, chunk_size=64)
+  denoiser = with_pixel_major(denoiser)
+  assert denoiser.data_major is not None
+  sharded = distributed.shard(denoiser, distributed.make_mesh(1, 1))
+  assert sharded.inner.data_major is None
+  sigma = jnp.asarray(SIGMA_BATCHES["mixed"])
+  np.testing.assert_allclose(sharded(queries["mixed"], sigma),
+                             jax.jit(lambda d, z, s: d(z, s))(denoiser, queries["mixed"], sigma),
+                             atol=TOL, rtol=0)
+
+
 def test_mesh_specs_and_errors():
   import jax
 

@@ -13,6 +13,7 @@ import pspc_jax as pj
 from pspc_jax import schedules
 from pspc_jax.denoisers import flex
 from pspc_jax.denoisers.masks import IndexMasks, PixelMasks
+from pspc_jax.denoisers.pspc import pixel_major_data
 from reference import make_problem, pspc_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,6 +208,21 @@ def test_mixed_sigma_batch_equals_per_sample_calls():
     np.testing.assert_allclose(mixed[b:b + 1], single, atol=1e-5, err_msg=f"σ = {sigma}")
   # The σ = 80 sample (λ = 1) is the optimal denoiser; the others are not.
   np.testing.assert_allclose(mixed[:1], pj.empirical_denoise(z[:1], 80.0, data), atol=1e-6)
+
+
+def test_make_flex_denoiser_holds_a_pixel_major_copy():
+  """The scheduled denoiser reads its full 64-row chunks from a pixel-major copy of the dataset
+  (`values.with_pixel_major`): the same bits as without it."""
+  height, width = 6, 5
+  maps = np.stack([bump_maps(height, width, r) for r in (3.0, 1.0)])
+  maps = maps * random_maps(height, width)[None]
+  sigmas = np.array([2.0, 0.05, 0.3], np.float32)
+  z, data = make_problem(height, width, 3, num=70, batch=3, sigma=sigmas, seed=8)
+  denoise = pj.make_flex_denoiser(data, np.array([1.0, 0.1]), maps, 0.5, chunk_size=64)
+  np.testing.assert_array_equal(denoise.data_major.blocks, pixel_major_data(data).blocks)
+  run = jax.jit(lambda d, z, s: d(z, s))
+  np.testing.assert_array_equal(run(denoise, z, jnp.asarray(sigmas)),
+                                run(denoise.replace(data_major=None), z, jnp.asarray(sigmas)))
 
 
 def test_reachable_pairs_cover_every_sigma():

@@ -112,7 +112,7 @@ def flex_mask_set(maps_for_sigma, threshold, method: str = "auto"):
 
 def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, threshold, *,
                       chunk_size: int | None = None, method: str = "auto", axis_name=None,
-                      valid_rows: int | None = None) -> jax.Array:
+                      valid_rows: int | None = None, data_major=None) -> jax.Array:
   """PSPC-Flex at one set of sensitivity maps and one threshold (Eq. 11 over the Flex masks).
 
   The maps belong to one noise level; `sigma` may still be per sample (the posterior weights use each
@@ -132,6 +132,7 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
       differ in speed only (float32 rounding aside).
     axis_name, valid_rows: dataset sharded over a mesh axis inside `jax.shard_map`, and padding rows
       (see `pspc.composite_denoise`); None: one device, no padding.
+    data_major: `pspc.pixel_major_data(data)` or None (speed only; see `pspc.composite_denoise`).
 
   Returns:
     (B, H, W, C) float32 denoised images.
@@ -152,7 +153,8 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
   shards = dict(axis_name=axis_name, valid_rows=valid_rows)
   if masks is None:
     return empirical_denoise(z, sigma, data, chunk_size=chunk_size, **shards)
-  return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size, **shards)
+  return composite_denoise(z, sigma, data, masks, chunk_size=chunk_size, data_major=data_major,
+                           **shards)
 
 
 def check_maps(sigmas, maps, image_shape) -> tuple[np.ndarray, np.ndarray]:

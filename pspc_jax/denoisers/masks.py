@@ -18,6 +18,9 @@ Each mask set offers the two maps in two layouts:
 * `sums_major` / `spread_major` act on *leading* axes: (H, W, ...) → (*mask_shape, ...). This is the
   layout of the fast denoisers (DESIGN §3): pixels major, (query, dataset row) minor, so every window sum
   is a vectorised add of long contiguous rows, and the per-mask softmax reduces over the minor axis.
+  `dists_major(z, x)` gives the mask distances straight from pixel-major queries and data (direct
+  differences, then `sums_major`, or for narrow windows column sums formed with the differences), and
+  `sums_stored` says whether they end in a non-fusible operation that stores them once.
 
 `SquareWindows` exploits the separable structure of all s×s windows (min(s, H) × min(s, W) on an H×W
 rectangle; a window sum along W, then along H), so its cost does not depend much on s; `PixelMasks`
@@ -71,6 +74,18 @@ def pixel_sq_dists_major(z: jax.Array, x: jax.Array) -> jax.Array:
   return sum(jnp.square(z[:, c, :, None] - x[:, c, None, :]) for c in range(channels))
 
 
+def _generic_dists_major(masks, z: jax.Array, x: jax.Array) -> jax.Array:
+  """Σ over every mask of the channel-summed squared differences: (*mask_shape, B, n) from pixel-major
+  z (P, C, B) and x (P, C, n), via `pixel_sq_dists_major` and `masks.sums_major`."""
+  e = pixel_sq_dists_major(z, x)
+  return masks.sums_major(e.reshape(masks.image_shape + e.shape[1:]))
+
+
+# Window widths up to which `SquareWindows.dists_major` sums a window's columns inside the
+# squared-difference loop instead of storing e and summing it (measured on CPU, 32×32×3, B = 16: 9 %
+# faster PSPC-Square calls at s = 3, even at s = 5, slower from s = 7).
+_FUSED_COLUMNS = 3
+
 # Cost rule for the window sums of `SquareWindows` in the pixel-major layout (measured on CPU, 32×32
 # images, see bin/benchmark). `lax.reduce_window` costs about one add per window element per output; a
 # 0/1 matmul costs one multiply-add per *input* position per output but runs several times faster per
@@ -81,13 +96,20 @@ _ROW_MATMUL_FRACTION = 0.35
 _COLUMN_MATMUL_FRACTION = 0.6
 
 
+def _reduce_window_sums(a: jax.Array, size: int, axis: int, padding=None) -> jax.Array:
+  """`lax.reduce_window` sums of length `size` along `axis` (valid, or with (lo, hi) zero padding)."""
+  window = [1] * a.ndim
+  window[axis] = size
+  pads = [(0, 0)] * a.ndim
+  pads[axis] = padding or (0, 0)
+  return lax.reduce_window(a, _ZERO, lax.add, tuple(window), (1,) * a.ndim, pads)
+
+
 def _window_sums_major(a: jax.Array, size: int, axis: int, method: str) -> jax.Array:
   """Valid window sums of length `size` along leading axis `axis` ∈ {0, 1} of `a`."""
   length = a.shape[axis]
   if method == "window":
-    window = [1] * a.ndim
-    window[axis] = size
-    return lax.reduce_window(a, _ZERO, lax.add, tuple(window), (1,) * a.ndim, "VALID")
+    return _reduce_window_sums(a, size, axis)
   matrix = jnp.asarray(window_matrix(length, size).T)  # (K, L)
   return _apply_major(matrix, a, axis)
 
@@ -96,11 +118,7 @@ def _window_spread_major(a: jax.Array, size: int, axis: int, method: str) -> jax
   """Transpose of `_window_sums_major`: K = L − size + 1 window values → L positions."""
   num = a.shape[axis]
   if method == "window":
-    window = [1] * a.ndim
-    window[axis] = size
-    padding = [(0, 0)] * a.ndim
-    padding[axis] = (size - 1, size - 1)
-    return lax.reduce_window(a, _ZERO, lax.add, tuple(window), (1,) * a.ndim, padding)
+    return _reduce_window_sums(a, size, axis, (size - 1, size - 1))
   matrix = jnp.asarray(window_matrix(num + size - 1, size))  # (L, K)
   return _apply_major(matrix, a, axis)
 
@@ -143,6 +161,7 @@ class SquareWindows:
   """
 
   def __init__(self, height: int, width: int, size: int):
+    self.image_shape = (height, width)
     self.window = (min(int(size), height), min(int(size), width))
     self.rows = window_matrix(height, self.window[0])  # (H, Kh)
     self.cols = window_matrix(width, self.window[1])   # (W, Kw)
@@ -172,11 +191,41 @@ class SquareWindows:
     along_w = _window_sums_major(e, self.window[1], 1, cols)
     return _window_sums_major(along_w, self.window[0], 0, rows)
 
+  @property
+  def sums_stored(self) -> bool:
+    """Whether `dists_major` ends in a non-fusible operation (a `reduce_window`, a matmul), so that
+    every consumer reads the same stored distances: all windows but single pixels."""
+    return self.window != (1, 1)
+
+  def dists_major(self, z: jax.Array, x: jax.Array) -> jax.Array:
+    """Window distances (Kh, Kw, B, n) from pixel-major queries z (P, C, B) and data x (P, C, n).
+
+    Sums of non-negative direct squared differences only. Narrow windows (1 < s_w ≤ `_FUSED_COLUMNS`,
+    s_h > 1) add up each window's s_w·C column differences inside the loop that forms them (a pixel's
+    difference is formed s_w times, which costs less than storing e and re-reading it for a window sum
+    along W), then sum along H (`sums_major`'s row rule); others form e once and use `sums_major`.
+    """
+    height, width = self.image_shape
+    size_h, size_w = self.window
+    if not (1 < size_w <= _FUSED_COLUMNS and size_h > 1):
+      return _generic_dists_major(self, z, x)
+    channels, batch, rows = z.shape[1], z.shape[2], x.shape[2]
+    z = z.reshape(height, width, channels, batch)
+    x = x.reshape(height, width, channels, rows)
+    num = self.mask_shape[1]
+    along_w = sum(jnp.square(z[:, v:v + num, c, :, None] - x[:, v:v + num, c, None, :])
+                  for v in range(size_w) for c in range(channels))  # (H, Kw, B, n)
+    return _window_sums_major(along_w, size_h, 0, self._methods()[0])
+
+  def _spread_methods(self):
+    """(rows, columns) method of the spread."""
+    return self._methods()[0], "window"
+
   def spread_major(self, w: jax.Array) -> jax.Array:
     """(Kh, Kw, ...) → (H, W, ...): every window's value added to each of its pixels."""
-    rows, _ = self._methods()
+    rows, cols = self._spread_methods()
     along_h = _window_spread_major(w, self.window[0], 0, rows)
-    return _window_spread_major(along_h, self.window[1], 1, "window")
+    return _window_spread_major(along_h, self.window[1], 1, cols)
 
 
 def check_coverage(coverage: np.ndarray) -> None:
@@ -224,6 +273,12 @@ class PixelMasks:
     """(..., M) → (..., H, W)."""
     flat = jnp.einsum("...m,mp->...p", w, self.matrix, precision=_HIGHEST)
     return flat.reshape(w.shape[:-1] + self.image_shape)
+
+  sums_stored = True  # a GEMM
+
+  def dists_major(self, z: jax.Array, x: jax.Array) -> jax.Array:
+    """(M, B, n) mask distances from pixel-major z (P, C, B) and x (P, C, n)."""
+    return _generic_dists_major(self, z, x)
 
   def sums_major(self, e: jax.Array) -> jax.Array:
     """(H, W, ...) → (M, ...): one GEMM with the (M, H·W) mask matrix."""
@@ -290,14 +345,16 @@ def gather_sums_major(a: jax.Array, plan) -> jax.Array:
     (M, ...) float32: a sum of non-negative terms when `a` is non-negative (no cancellation).
 
   Rows are gathered one block at a time in a `lax.scan` over the blocks: every add is a vectorised
-  add of one contiguous row, and nothing of size M·K·row is materialised.
+  add of one contiguous row, and nothing of size M·K·row is materialised. Row L is a zero row appended
+  to `a` (fused into the computation of `a` where that is a loop), so every index is in range and no
+  gathered element needs a bounds select (mode "clip" only clamps the M indices).
   """
   num, block = plan.shape[1], plan.shape[2]
-  flat = a.reshape(a.shape[0], -1)
+  flat = jnp.pad(a.reshape(a.shape[0], -1), ((0, 1), (0, 0)))
 
   def step(total, idx):
     for j in range(block):
-      total = total + jnp.take(flat, idx[:, j], axis=0, mode="fill", fill_value=0)
+      total = total + jnp.take(flat, idx[:, j], axis=0, mode="clip")
     return total, None
 
   total, _ = lax.scan(step, jnp.zeros((num, flat.shape[1]), flat.dtype), jnp.asarray(plan))
@@ -368,6 +425,16 @@ class IndexMasks:
     """(..., M) → (..., H, W)."""
     picked = jnp.take(w, _plan_rows(self.owners), axis=-1, mode="fill", fill_value=0)
     return jnp.sum(picked, axis=-1).reshape(w.shape[:-1] + self.image_shape)
+
+  @property
+  def sums_stored(self) -> bool:
+    """Whether `dists_major` ends in a non-fusible operation: a GEMM, or a gather loop of ≥ 2 steps
+    (a one-step loop is inlined, e.g. for single-pixel masks)."""
+    return not self.gather_sums or self.members.shape[0] > 1
+
+  def dists_major(self, z: jax.Array, x: jax.Array) -> jax.Array:
+    """(M, B, n) mask distances from pixel-major z (P, C, B) and x (P, C, n)."""
+    return _generic_dists_major(self, z, x)
 
   def sums_major(self, e: jax.Array) -> jax.Array:
     """(H, W, ...) → (M, ...): padded gather of each mask's pixel rows (or the 0/1 GEMM)."""

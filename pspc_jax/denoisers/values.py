@@ -32,8 +32,11 @@ from pspc_jax.denoisers.els import els_denoise
 from pspc_jax.denoisers.empirical import empirical_denoise
 from pspc_jax.denoisers.flex import SensitivityMaps, flex_branches
 from pspc_jax.denoisers.gaussian import GaussianStats, gaussian_denoise
-from pspc_jax.denoisers.pspc import composite_denoise, pspc_square_denoise
+from pspc_jax.denoisers.pspc import composite_denoise, pixel_major_data, pspc_square_denoise
 from pspc_jax.edm import EDMPrecond, Preconditioning
+
+# Largest pixel-major dataset copy (bytes) `with_pixel_major` adds to a denoiser value by default.
+DEFAULT_PIXEL_MAJOR_BYTES = 1 << 30
 
 
 @runtime_checkable
@@ -93,12 +96,14 @@ class PSPCSquareDenoiser:
     patch_schedule: a `schedules.SigmaSchedule` of patch sizes (static); a fixed s is a one-entry
       schedule.
     chunk_size, axis_name, valid_rows: as `pspc.pspc_square_denoise` (static).
+    data_major: None, or `pspc.pixel_major_data(data)` (a leaf; speed only, see `with_pixel_major`).
   """
   data: jax.Array
   patch_schedule: schedules.SigmaSchedule = static()
   chunk_size: int | None = static()
   axis_name: Any = static()
   valid_rows: int | None = static()
+  data_major: Any = None
 
   def __call__(self, z, sigma):
     return _dispatch_sizes(self, _square_branch, z, sigma)
@@ -106,7 +111,7 @@ class PSPCSquareDenoiser:
 
 def _square_branch(denoiser: PSPCSquareDenoiser, patch_size: int, z, sigma):
   return pspc_square_denoise(z, sigma, denoiser.data, patch_size, chunk_size=denoiser.chunk_size,
-                             **_shards(denoiser))
+                             data_major=denoiser.data_major, **_shards(denoiser))
 
 
 @denoiser_value
@@ -117,16 +122,18 @@ class PSPCDenoiser:
     data: (N, H, W, C) training images.
     masks: a mask set pytree (`masks.PixelMasks` or `masks.IndexMasks`) covering every pixel.
     chunk_size, axis_name, valid_rows: as `pspc.composite_denoise` (static).
+    data_major: None, or `pspc.pixel_major_data(data)` (a leaf; speed only, see `with_pixel_major`).
   """
   data: jax.Array
   masks: Any
   chunk_size: int | None = static()
   axis_name: Any = static()
   valid_rows: int | None = static()
+  data_major: Any = None
 
   def __call__(self, z, sigma):
     return composite_denoise(z, sigma, self.data, self.masks, chunk_size=self.chunk_size,
-                             **_shards(self))
+                             data_major=self.data_major, **_shards(self))
 
 
 @denoiser_value
@@ -139,6 +146,7 @@ class PSPCFlexDenoiser:
     table: (S, T) int32 branch of (maps index, threshold index).
     map_schedule, thresholds: σ → maps index and σ → λ (static).
     chunk_size, axis_name, valid_rows: as `pspc.composite_denoise` (static).
+    data_major: None, or `pspc.pixel_major_data(data)` (a leaf; speed only, see `with_pixel_major`).
   """
   data: jax.Array
   masks: tuple
@@ -148,6 +156,7 @@ class PSPCFlexDenoiser:
   chunk_size: int | None = static()
   axis_name: Any = static()
   valid_rows: int | None = static()
+  data_major: Any = None
 
   def __call__(self, z, sigma):
     def branch_index(sigma):
@@ -162,7 +171,29 @@ def _flex_branch(denoiser: PSPCFlexDenoiser, index: int, z, sigma):
     return empirical_denoise(z, sigma, denoiser.data, chunk_size=denoiser.chunk_size,
                              **_shards(denoiser))
   return composite_denoise(z, sigma, denoiser.data, masks, chunk_size=denoiser.chunk_size,
-                           **_shards(denoiser))
+                           data_major=denoiser.data_major, **_shards(denoiser))
+
+
+def with_pixel_major(denoiser, max_bytes: int = DEFAULT_PIXEL_MAJOR_BYTES):
+  """`denoiser` (a PSPC-Square, PSPC or PSPC-Flex value) holding a pixel-major copy of its training set.
+
+  The copy (`pspc.pixel_major_data`, the dataset's size in its own dtype) saves every call the
+  per-chunk transposes of the pixel-major passes: about a tenth of a PSPC call on CPU, with the same
+  results bit for bit (`pspc.composite_denoise`, `data_major`). A denoiser that already has one, whose
+  dataset is sharded (`axis_name`) or whose copy would exceed `max_bytes` is returned unchanged;
+  `distributed.shard` drops the copy.
+
+  Raises:
+    ValueError: a denoiser without a `data_major` field, or max_bytes < 0.
+  """
+  if not hasattr(denoiser, "data_major"):
+    raise ValueError(f"a {type(denoiser).__name__} takes no pixel-major dataset copy")
+  max_bytes = validation.positive_int(max_bytes, "max_bytes", minimum=0)
+  data = denoiser.data
+  size = data.size * data.dtype.itemsize
+  if denoiser.data_major is not None or denoiser.axis_name is not None or size > max_bytes:
+    return denoiser
+  return denoiser.replace(data_major=pixel_major_data(data))
 
 
 def make_flex_denoiser(data, sigmas, maps, thresholds=None, *, metric: str = "log",
@@ -177,14 +208,18 @@ def make_flex_denoiser(data, sigmas, maps, thresholds=None, *, metric: str = "lo
     thresholds, metric, method: as `flex.flex_branches`.
     chunk_size: dataset rows per streamed chunk.
 
+  Returns:
+    The denoiser value, holding a pixel-major copy of `data` when it is at most
+    `DEFAULT_PIXEL_MAJOR_BYTES` (`with_pixel_major`).
+
   Raises:
     ValueError: bad maps or thresholds, or a pixel covered by no mask in some branch.
   """
   validation.positive_int(chunk_size, "chunk_size", optional=True)
   branches = flex_branches(SensitivityMaps(sigmas, maps), tuple(data.shape[1:3]), thresholds,
                            metric=metric, method=method)
-  return PSPCFlexDenoiser(data, branches.masks, jnp.asarray(branches.table), branches.map_schedule,
-                          branches.thresholds, chunk_size)
+  return with_pixel_major(PSPCFlexDenoiser(data, branches.masks, jnp.asarray(branches.table),
+                                           branches.map_schedule, branches.thresholds, chunk_size))
 
 
 @denoiser_value
