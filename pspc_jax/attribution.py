@@ -13,7 +13,7 @@ streamed over the dataset in chunks (memory independent of N apart from the (B, 
 * per query, every training image's share of the whole image, t_i = (1/P) Σ_p a_i[p], (B, N)
   (Σ_i t_i = 1), and from it how many images make up 50 % / 90 % of the weight (`contributor_counts`).
 
-Two passes, as in `pspc.composite_denoise` (DESIGN §3) and with the same building blocks (pixel-major
+Two passes, as in `pspc.composite_denoise` (docs/design.md §3) and with the same building blocks (pixel-major
 distances, `sums_major` / `spread_major` of the mask set, `SoftminStats`, `fold_chunks`): pass 1 gets
 every mask's softmax normaliser, pass 2 forms the exact a_i[p] of one chunk of rows at a time and
 merges them into a running per-pixel top-k (`lax.top_k` of the running k and the chunk's n
@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pspc_jax import images, schedules
+from pspc_jax import conventions, schedules
 from pspc_jax.denoisers.empirical import logit_scale
 from pspc_jax.denoisers.masks import SquareWindows, pixel_sq_dists_major
 from pspc_jax.denoisers.pspc import pixel_major_chunk_size
-from pspc_jax.reduce import SoftminStats, fold_chunks
+from pspc_jax.softmin import SoftminStats, fold_chunks
 from pspc_jax.sampling import Trajectory
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -142,7 +142,7 @@ def _stream(groups: Sequence[_Group], data: jax.Array, num_targets: int, k: int,
 
   def prepare(chunk):
     rows = chunk.shape[0]
-    x = images.to_model_range(chunk).reshape(rows, pixels, channels)
+    x = conventions.to_model_range(chunk).reshape(rows, pixels, channels)
     return jnp.transpose(x, (1, 2, 0))  # (P, C, n)
 
   def dists(j, x):
@@ -230,8 +230,8 @@ def pixel_attribution(z: jax.Array, sigma, data: jax.Array, masks, k: int = 5, *
   Returns:
     `Attribution` with indices/weights (B, H, W, k) and totals (B, N) (or None).
   """
-  images.check_query_and_data(z, data)
-  sigma = images.sigma_per_sample(sigma, z.shape[0])
+  conventions.check_query_and_data(z, data)
+  sigma = conventions.sigma_per_sample(sigma, z.shape[0])
   groups = _groups(z, sigma, None, masks, data.shape[1:3])
   return _stream(groups, data, z.shape[0], k, chunk_size=chunk_size, with_totals=with_totals,
                  progress=progress)
@@ -348,7 +348,7 @@ def attribute(path, data: jax.Array, masks="auto", *, sigmas=None, k: int = 5,
     `Attribution` of the B samples.
   """
   z, sigma, batch = _steps_of(path, sigmas)
-  images.check_query_and_data(z[0], data)
+  conventions.check_query_and_data(z[0], data)
   if isinstance(masks, str):
     if masks != "auto":
       masks = schedules.parse_patch_schedule(masks, data.shape[1:3])

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pspc_jax import images as images_lib
+from pspc_jax import conventions
 from pspc_jax import progress as progress_lib
 from pspc_jax import schedules
 from pspc_jax.denoisers.empirical import empirical_denoise
@@ -130,12 +130,12 @@ def _device_bytes_limit(device) -> int | None:
 
 def as_data_dtype(images: np.ndarray, dtype: str) -> np.ndarray:
   """The (N, H, W, C) uint8 `images` as a training set of `dtype` ("uint8": as they are; "float32":
-  the same images in [-1, 1], x / 127.5 − 1 by `images.to_model_range` in NumPy, correctly rounded).
+  the same images in [-1, 1], x / 127.5 − 1 by `conventions.to_model_range` in NumPy, correctly rounded).
   ValueError naming `data_dtypes` for another dtype."""
   if dtype == "uint8":
     return images
   if dtype == "float32":
-    return images_lib.to_model_range(np.asarray(images))
+    return conventions.to_model_range(np.asarray(images))
   raise ValueError(f"data_dtypes: unknown dtype {dtype!r}; choose from {', '.join(DATA_DTYPES)}")
 
 

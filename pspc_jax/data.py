@@ -15,7 +15,7 @@ Sources accepted by :func:`load_dataset`:
   - a ``.npz`` or ``.npy`` array file.
 
 Images are returned as uint8 (N, H, W, C) with C = 1 (grayscale) or 3 (RGB); convert to model space
-chunk by chunk with :func:`pspc_jax.images.to_model_range`. Every bad input raises
+chunk by chunk with :func:`pspc_jax.conventions.to_model_range`. Every bad input raises
 :class:`DatasetError` with a one-line, human-readable message naming the offending file.
 
 The cache directory is ``cache_dir`` if given, else ``$PSPC_JAX_CACHE``, else ``~/.cache/pspc_jax``.

@@ -1,4 +1,4 @@
-"""The exact denoisers on many devices and hosts: dataset sharded, queries batched (DESIGN §3).
+"""The exact denoisers on many devices and hosts: dataset sharded, queries batched (docs/design.md §3).
 
 A 2-D device mesh with axes ("batch", "data") (`make_mesh`): the training set is split into equal
 consecutive shards along "data" (`shard_dataset`; each device holds N_padded / data_devices rows,
@@ -64,7 +64,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pspc_jax import images, validation
+from pspc_jax import conventions, validation
 from pspc_jax.denoisers.values import denoiser_value, is_shardable
 
 DATA_AXIS = "data"
@@ -243,7 +243,7 @@ def _sharded_call(denoiser: ShardedDenoiser, z, sigma):
   if z.ndim != 4:
     raise ValueError(f"z must have shape (B, H, W, C), got {z.shape}")
   batch = z.shape[0]
-  sigma = images.sigma_per_sample(sigma, batch)
+  sigma = conventions.sigma_per_sample(sigma, batch)
   pad = -batch % _axis_size(denoiser.mesh, denoiser.batch_axis)
   if pad:  # copies of the last sample: same σ, so no extra schedule branch
     z = jnp.concatenate([z, jnp.repeat(z[-1:], pad, axis=0)])

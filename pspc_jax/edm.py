@@ -1,4 +1,4 @@
-"""EDM noise-level grid and network preconditioning (Karras et al. 2022; DESIGN §2, §4).
+"""EDM noise-level grid and network preconditioning (Karras et al. 2022; docs/design.md §2, §4).
 
 Noise levels are EDM's sigma (the paper's t, with sigma(t) = t): the forward process is
 z = x + sigma * eps.
@@ -64,7 +64,7 @@ class EDMPreconditioning(NamedTuple):
 
 
 def edm_preconditioning(sigma, sigma_data: float = 0.5) -> EDMPreconditioning:
-  """EDM preconditioning coefficients (Karras et al. 2022, Table 1; DESIGN §2 "Network").
+  """EDM preconditioning coefficients (Karras et al. 2022, Table 1; docs/design.md §2 "Network").
 
   With sd = sigma_data: c_skip = sd² / (sigma² + sd²), c_out = sigma * sd / sqrt(sigma² + sd²),
   c_in = 1 / sqrt(sigma² + sd²), c_noise = ln(sigma) / 4.

@@ -1,4 +1,4 @@
-"""Denoiser-vs-denoiser evaluation, the pure part (paper §4-5, Fig. 2, 4, 6, 8; DESIGN §7).
+"""Denoiser-vs-denoiser evaluation, the pure part (paper §4-5, Fig. 2, 4, 6, 8; docs/design.md §7).
 
 Evaluation sets of noisy images z, metrics, patch posterior means, and the descriptors, similarity and
 memorisation statistics of sample comparisons. The resumable jobs built on them, which write output
@@ -32,7 +32,7 @@ from pspc_jax.denoisers.pspc import patch_posterior_means
 from pspc_jax.denoisers.values import as_argument
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.forward_process import forward_indices_and_noise
-from pspc_jax.images import to_model_range
+from pspc_jax.conventions import to_model_range
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.progress import SILENT, Progress, compile_jitted
 from pspc_jax.sampling import latents_from_seeds, sample

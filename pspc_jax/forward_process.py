@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pspc_jax.images import to_model_range
+from pspc_jax.conventions import to_model_range
 
 
 def forward_indices_and_noise(num_images: int, image_shape, sample_ids, seed: int = 0

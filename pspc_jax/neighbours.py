@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pspc_jax import images
-from pspc_jax.reduce import fold_chunks
+from pspc_jax import conventions
+from pspc_jax.softmin import fold_chunks
 
 
 def nearest_neighbours(queries: jax.Array, data: jax.Array, k: int = 2, *, chunk_size: int = 1024):
@@ -26,7 +26,7 @@ def nearest_neighbours(queries: jax.Array, data: jax.Array, k: int = 2, *, chunk
     (distances, indices): (B, k) float32 Euclidean distances ‖q − x_i‖ in model units, ascending, and
     (B, k) int32 dataset indices.
   """
-  images.check_query_and_data(queries, data)
+  conventions.check_query_and_data(queries, data)
   if not 1 <= k <= data.shape[0]:
     raise ValueError(f"k must be between 1 and the dataset size {data.shape[0]}, got {k}")
   batch = queries.shape[0]
@@ -34,7 +34,7 @@ def nearest_neighbours(queries: jax.Array, data: jax.Array, k: int = 2, *, chunk
 
   def step(carry, chunk, offset):
     best_neg, best_idx = carry
-    x = images.to_model_range(chunk).reshape(chunk.shape[0], -1)
+    x = conventions.to_model_range(chunk).reshape(chunk.shape[0], -1)
     sq = jnp.sum(jnp.square(flat_q[:, None, :] - x[None]), axis=-1)  # (B, n)
     idx = offset + jnp.arange(chunk.shape[0], dtype=jnp.int32)
     neg = jnp.concatenate([best_neg, -sq], axis=1)

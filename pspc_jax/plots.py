@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pspc_jax.images import to_uint8  # noqa: E402
+from pspc_jax.conventions import to_uint8  # noqa: E402
 
 
 def tile(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:

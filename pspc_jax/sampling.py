@@ -1,9 +1,9 @@
-"""Probability-flow ODE samplers: Euler, Heun and EDM's stochastic churn (DESIGN §5).
+"""Probability-flow ODE samplers: Euler, Heun and EDM's stochastic churn (docs/design.md §5).
 
 The sampler integrates the PF-ODE dz/dsigma = (z - D(z, sigma)) / sigma (Karras et al. 2022, Eq. 1
 with sigma(t) = t, s(t) = 1) from z(sigma_0) = sigma_0 * latents down a decreasing grid of noise
 levels, usually :func:`pspc_jax.edm.edm_sigmas`. Any denoiser `denoise(z, sigma) -> x_hat`
-(DESIGN §1) can drive it.
+(docs/design.md §1) can drive it.
 
 Randomness is per image: image k's key is `fold_in(key(0), seed_k)`, so a sample depends only on its own
 seed, never on the batch size or the number of devices.
@@ -99,7 +99,7 @@ def sample(denoise: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray], latents, 
   The loop is a `jax.lax.scan`, so the whole sampler can be jitted (with `denoise` closed over);
   sigmas may be traced, while solver, s_churn, return_trajectory and progress must be static. A
   concrete grid is checked (see `sigmas` below); a traced one cannot be: a negative or non-finite σ in
-  it makes the denoiser outputs, hence the samples, NaN (`images.sigma_per_sample`), and a rising
+  it makes the denoiser outputs, hence the samples, NaN (`conventions.sigma_per_sample`), and a rising
   traced grid is integrated as given.
 
   Args:

@@ -1,4 +1,4 @@
-"""Noise-level schedules: piecewise-constant maps σ → patch size (or Flex threshold) (DESIGN §4).
+"""Noise-level schedules: piecewise-constant maps σ → patch size (or Flex threshold) (docs/design.md §4).
 
 A schedule is a grid of σ with one value per grid point; any other σ takes the value of the nearest grid
 σ. The official PSPC release measures "nearest" linearly in σ; we default to nearest in log σ, which
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pspc_jax import images, validation
+from pspc_jax import conventions, validation
 from pspc_jax.edm import edm_sigmas
 
 # CIFAR-10 (32×32) patch size per σ of the 18-step EDM grid (σ = 80 … 0.002), from the official release.
@@ -297,7 +297,7 @@ def dispatch_indexed(branch_index: Callable[[jax.Array], jax.Array], branches: S
   branches = list(branches)
 
   def denoise(z, sigma):
-    sigma = images.sigma_per_sample(sigma, z.shape[0])
+    sigma = conventions.sigma_per_sample(sigma, z.shape[0])
     if len(branches) == 1:
       return branches[0](z, sigma)
     which = branch_index(sigma)

@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from pspc_jax import checkpoints, multihost, nets, plots
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import atomic_write
-from pspc_jax.images import to_model_range
+from pspc_jax.conventions import to_model_range
 from pspc_jax.nets.precond import edm_denoiser, precond_apply
 from pspc_jax.sampling import latents_from_seeds, sample
 

@@ -1,6 +1,6 @@
 """Schedule tuning: the patch size s(σ) and PSPC-Flex threshold λ(σ) that best match a reference.
 
-The paper chose its schedules by minimising patch error against the network (DESIGN §4, §7); this
+The paper chose its schedules by minimising patch error against the network (docs/design.md §4, §7); this
 module reproduces that procedure for any reference denoiser D_ref. For each σ of a grid and each
 candidate value v (a PSPC-Square patch size, or a PSPC-Flex mass threshold λ) the error is
 

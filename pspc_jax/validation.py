@@ -4,7 +4,7 @@ One helper per concern, shared by the denoisers, the registry and the sampler. O
 can be inspected: Python numbers, NumPy arrays and jax Arrays outside a trace. Under `jax.jit`,
 `jax.grad`, `jax.vmap` or `jax.shard_map` values are tracers, and only their dtypes and shapes (which
 are static) are checked; what a traced bad value then does is documented where it matters (σ:
-`images.sigma_per_sample` makes the output NaN).
+`conventions.sigma_per_sample` makes the output NaN).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 
 import pspc_jax as pj
 from pspc_jax import benchmarking as bm
-from pspc_jax.images import to_model_range
+from pspc_jax.conventions import to_model_range
 from pspc_jax.jobs import benchmark as job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import pytest
 
 import pspc_jax as pj
 from pspc_jax.data import load_dataset
-from pspc_jax import reduce
+from pspc_jax import softmin
 from pspc_jax.denoisers.masks import SquareWindows
 from pspc_jax.denoisers.pspc import composite_denoise, pixel_major_data
 from pspc_jax.denoisers.values import with_pixel_major
@@ -194,7 +194,7 @@ def test_finite_softmin_path_matches_the_general_one():
   rng = np.random.default_rng(4)
   dists = jnp.asarray(rng.uniform(0.0, 5.0, (2, 6, 7)), jnp.float32)
   scale = jnp.asarray([[-0.7, -3.0]], jnp.float32).T  # (2, 1) against (2, 6) states
-  state = reduce.SoftminStats.empty((2, 6)).add(dists[..., :3], scale, axis=2)[0]
+  state = softmin.SoftminStats.empty((2, 6)).add(dists[..., :3], scale, axis=2)[0]
   general = state.add(dists[..., 3:], scale, axis=2)[0]
   finite = state.add_finite(dists[..., 3:], scale, axis=2)
   np.testing.assert_array_equal(finite.min_dist, general.min_dist)
@@ -204,10 +204,10 @@ def test_finite_softmin_path_matches_the_general_one():
   def weights(fn, d):
     return jnp.sum(fn(d, reference, scale[..., None]) * jnp.arange(7.0))
 
-  for fn in (reduce.exp_gap, reduce.exp_gap_finite):
-    np.testing.assert_allclose(weights(fn, dists), weights(reduce.exp_gap, dists), rtol=1e-6)
+  for fn in (softmin.exp_gap, softmin.exp_gap_finite):
+    np.testing.assert_allclose(weights(fn, dists), weights(softmin.exp_gap, dists), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(weights, argnums=1)(fn, dists),
-                               jax.grad(weights, argnums=1)(reduce.exp_gap, dists), rtol=1e-6)
+                               jax.grad(weights, argnums=1)(softmin.exp_gap, dists), rtol=1e-6)
 
 
 CIFAR_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",

@@ -63,7 +63,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pspc_jax import images, validation
+from pspc_jax import conventions, validation
 from pspc_jax.denoisers.empirical import empirical_denoise
 
 DEFAULT_SMOOTHING = 0.3
@@ -108,11 +108,11 @@ def cfdm_denoise(z: jax.Array, sigma, data: jax.Array, smoothing=DEFAULT_SMOOTHI
 
   Raises:
     ValueError: bad shapes, dtypes or concrete values of z, sigma or data
-      (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a negative
+      (`conventions.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a negative
       or non-finite smoothing, or num_noise, noise_seed, chunk_size that are not integers in range.
   """
-  images.check_query_and_data(z, data)
-  sigma = images.sigma_per_sample(sigma, z.shape[0])
+  conventions.check_query_and_data(z, data)
+  sigma = conventions.sigma_per_sample(sigma, z.shape[0])
   validation.check_non_negative(smoothing, "smoothing")
   if isinstance(smoothing, (int, float)) and smoothing == 0:
     return empirical_denoise(z, sigma, data, chunk_size=chunk_size)

@@ -67,10 +67,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pspc_jax import images, schedules, validation
+from pspc_jax import conventions, schedules, validation
 from pspc_jax.denoisers.empirical import logit_scale
 from pspc_jax.denoisers.masks import SquareWindows, pixel_sq_dists_major
-from pspc_jax.reduce import SoftminStats, fold_chunks
+from pspc_jax.softmin import SoftminStats, fold_chunks
 
 BOUNDARIES = ("zeros", "circular")
 
@@ -153,11 +153,11 @@ def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equiva
 
   Raises:
     ValueError: bad shapes, dtypes or concrete values of z, sigma or data
-      (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a patch
+      (`conventions.check_query_and_data`; a traced σ that is negative or not finite gives NaN), a patch
       size that is not an odd integer in range, an unknown boundary, or a bad chunk_size.
   """
-  images.check_query_and_data(z, data)
-  sigma = images.sigma_per_sample(sigma, z.shape[0])
+  conventions.check_query_and_data(z, data)
+  sigma = conventions.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   batch, height, width, channels = z.shape
   size = _check(patch_size, height, width, boundary, equivariant)
@@ -184,7 +184,7 @@ def els_denoise(z: jax.Array, sigma, data: jax.Array, patch_size: int, *, equiva
 
   def step(carry, chunk):
     rows = chunk.shape[0]
-    x = jnp.transpose(images.to_model_range(chunk), (1, 2, 3, 0))  # (H, W, C, n)
+    x = jnp.transpose(conventions.to_model_range(chunk), (1, 2, 3, 0))  # (H, W, C, n)
     x = jnp.pad(x, ((radius, radius), (radius, radius), (0, 0), (0, 0)), mode=x_mode)
     # Zero margin of the largest shift: the slice at offset (reach + Δ) is x̃ shifted by Δ.
     x = jnp.pad(x, ((reach_h, reach_h), (reach_w, reach_w), (0, 0), (0, 0)))

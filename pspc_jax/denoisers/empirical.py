@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pspc_jax import images, validation
-from pspc_jax.reduce import SoftminStats, fold_chunks, mask_padding, shard_valid_rows
+from pspc_jax import conventions, validation
+from pspc_jax.softmin import SoftminStats, fold_chunks, mask_padding, shard_valid_rows
 
 # σ is floored here before dividing by 2σ², so σ = 0 selects the nearest neighbour (up to exact ties,
 # which share the weight) instead of producing 0/0.
@@ -38,7 +38,7 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
     z: (B, H, W, C) noisy images, float32 in model units.
     sigma: scalar or (B,) noise levels (EDM σ), finite and ≥ 0; a batch may mix levels. σ = 0 gives
       the nearest training image. A traced σ cannot be checked: a sample with a negative or non-finite
-      σ gets a NaN output (`images.sigma_per_sample`).
+      σ gets a NaN output (`conventions.sigma_per_sample`).
     data: (N, H, W, C) training images, uint8 in [0, 255] or float in [-1, 1]. With `axis_name`, this
       device's shard of the dataset.
     chunk_size: dataset rows per streamed chunk (default: from `default_chunk_size`); changes speed
@@ -55,10 +55,10 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
 
   Raises:
     ValueError: bad shapes, dtypes or concrete values of z, sigma or data
-      (`images.check_query_and_data`, `images.sigma_per_sample`), or a chunk_size that is not a positive integer.
+      (`conventions.check_query_and_data`, `conventions.sigma_per_sample`), or a chunk_size that is not a positive integer.
   """
-  images.check_query_and_data(z, data)
-  sigma = images.sigma_per_sample(sigma, z.shape[0])
+  conventions.check_query_and_data(z, data)
+  sigma = conventions.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   if z.shape[0] == 0:
     return jnp.zeros(z.shape, jnp.float32)
@@ -70,7 +70,7 @@ def empirical_denoise(z: jax.Array, sigma, data: jax.Array, *, chunk_size: int |
 
   def step(carry, chunk, offset=None):
     stats, numerator = carry
-    x = images.to_model_range(chunk).reshape(chunk.shape[0], -1)
+    x = conventions.to_model_range(chunk).reshape(chunk.shape[0], -1)
     sq_dists = jnp.sum(jnp.square(flat_z[:, None, :] - x[None, :, :]), axis=-1)  # (B, n)
     sq_dists = mask_padding(sq_dists, offset, local_valid, axis=1)
     stats, weights, rescale = stats.add(sq_dists, scale, axis=1)

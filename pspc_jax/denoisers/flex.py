@@ -1,4 +1,4 @@
-"""PSPC-Flex: one adaptive mask per output pixel, cut from its sensitivity map (DESIGN §2).
+"""PSPC-Flex: one adaptive mask per output pixel, cut from its sensitivity map (docs/design.md §2).
 
 For output pixel p at noise level σ, let G_p (H, W) ≥ 0 be its sensitivity map (Eq. 8), normalised to
 sum 1. The mask C_p is the smallest set of the highest-sensitivity pixels whose mass is ≥ λ(σ):
@@ -13,7 +13,7 @@ undefined there). The denoiser is the PSPC composite (Eq. 11) over the H·W mask
 
     x̂[q] = (1/n_q) Σ_{p : q ∈ C_p} Σ_i w_i(C_p) x_i[q],   w_i(C) = softmax_i(−‖C z − C x_i‖² / (2σ²)).
 
-It is computed by the exact two-pass streaming algorithm of `pspc.composite_denoise` (DESIGN §3) with
+It is computed by the exact two-pass streaming algorithm of `pspc.composite_denoise` (docs/design.md §3) with
 one of two mask forms:
 
 * "gather" (`masks.IndexMasks`, the default when the maps and λ are concrete): padded lists of each
@@ -139,7 +139,7 @@ def pspc_flex_denoise(z: jax.Array, sigma, data: jax.Array, maps: jax.Array, thr
 
   Raises:
     ValueError: shapes that do not match, a concrete threshold outside (0, 1], bad z, sigma or data
-      (`images.check_query_and_data`), or a pixel covered by no mask (checked when the masks are
+      (`conventions.check_query_and_data`), or a pixel covered by no mask (checked when the masks are
       concrete; traced masks that leave a pixel uncovered give NaN there).
   """
   validation.check_threshold(threshold)

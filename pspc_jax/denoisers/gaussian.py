@@ -1,4 +1,4 @@
-"""The Gaussian denoiser: the posterior mean under a Gaussian fit of the data (DESIGN §2).
+"""The Gaussian denoiser: the posterior mean under a Gaussian fit of the data (docs/design.md §2).
 
 If x ~ N(mu, Sigma) and z = x + sigma * eps, then E[x | z] = mu + Sigma (Sigma + sigma² I)^-1 (z - mu)
 (Wang & Vastola 2024; Li et al. 2024). With Sigma = U diag(lambda) U^T this is
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax import validation
-from pspc_jax.images import sigma_per_sample
+from pspc_jax.conventions import sigma_per_sample
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -1,4 +1,4 @@
-"""Cropping masks as linear maps between pixels and masks (DESIGN §3, steps 2 and 4).
+"""Cropping masks as linear maps between pixels and masks (docs/design.md §3, steps 2 and 4).
 
 A set of M cropping masks is a 0/1 matrix between the H·W pixel positions and the masks. Two operations
 are all the PSPC denoisers need:
@@ -16,7 +16,7 @@ Each mask set offers the two maps in two layouts:
 
 * `sums` / `spread` act on trailing (H, W) / mask axes: (..., H, W) → (..., masks).
 * `sums_major` / `spread_major` act on *leading* axes: (H, W, ...) → (*mask_shape, ...). This is the
-  layout of the fast denoisers (DESIGN §3): pixels major, (query, dataset row) minor, so every window sum
+  layout of the fast denoisers (docs/design.md §3): pixels major, (query, dataset row) minor, so every window sum
   is a vectorised add of long contiguous rows, and the per-mask softmax reduces over the minor axis.
   `dists_major(z, x)` gives the mask distances straight from pixel-major queries and data (direct
   differences, then `sums_major`, or for narrow windows column sums formed with the differences), and

@@ -5,7 +5,7 @@ w_i(C) = softmax_i(−‖C z − C x_i‖² / (2σ²)), and the PSPC composite i
 
     x̂[p] = (1/n_p) Σ_{C ∋ p} Σ_i w_i(C) x_i[p]                                          (Eq. 11)
 
-computed with the fast exact algorithm of DESIGN §3: no loop over masks, two streaming passes over the
+computed with the fast exact algorithm of docs/design.md §3: no loop over masks, two streaming passes over the
 dataset. Pass 1 accumulates the log-normaliser of every mask (online logsumexp); pass 2 forms the exact
 normalised weights, spreads them back to pixels and accumulates Σ_i W_i ⊙ x_i. A single pass would need
 one running numerator per (mask, pixel of the mask): s²·C values per window, a batched matmul that
@@ -16,7 +16,7 @@ Layout (what makes it fast on CPU). Every per-chunk array is pixel-major with th
 pairs minor: squared differences e (H, W, B, n), patch distances d (masks, B, n), weights likewise. Then
 
 * the chunk is converted to float32 and transposed to (pixels, channels, n) once per chunk, one chunk
-  ahead, and handed over in the loop carry (`reduce.scan_chunks`), so XLA cannot fuse the transposed
+  ahead, and handed over in the loop carry (`softmin.scan_chunks`), so XLA cannot fuse the transposed
   uint8 reads into every query's computation; with a `PixelMajorData` copy of the dataset (a leaf of
   the denoiser value, `values.with_pixel_major`) the transpose is done once for all calls and a chunk
   is a contiguous slice;
@@ -24,10 +24,10 @@ pairs minor: squared differences e (H, W, B, n), patch distances d (masks, B, n)
   window sums along H and W are adds of contiguous rows of length B·n (`lax.reduce_window`) or, for
   large windows, 0/1 matmuls; narrow windows (s ≤ 3) add their columns' differences inside the loop that
   forms them and store only the column sums. So every distance is computed once per pass, and the
-  minimum and the exponentials read the same stored numbers (no `reduce.same_values` guard needed,
+  minimum and the exponentials read the same stored numbers (no `softmin.same_values` guard needed,
   except for single-pixel windows);
 * the exponentials of both passes are one plain elementwise loop each (`SoftminStats.add_finite`,
-  whose weights are only summed, and `reduce.exp_gap_finite`), without `exp_gap`'s handling of +inf.
+  whose weights are only summed, and `softmin.exp_gap_finite`), without `exp_gap`'s handling of +inf.
   Both need finite distances: with padding rows (+inf) the general `SoftminStats.add` / `exp_gap`
   run instead;
 * the softmax reductions run over the minor (dataset) axis, and exp runs on long contiguous rows;
@@ -47,7 +47,7 @@ running minimum after chunk k, as returned by `SoftminStats.add`). Up to `cache_
 is the SoftminStats merge rule: both exponents are ≤ 0, the nearest patch still gets exactly 1·1, and
 pass 2 sees pass 1's own numbers. The budget bounds the memory whatever N is.
 
-Sharded datasets (DESIGN §3, `pspc_jax.distributed`). Inside `jax.shard_map`, with `axis_name` the mesh
+Sharded datasets (docs/design.md §3, `pspc_jax.distributed`). Inside `jax.shard_map`, with `axis_name` the mesh
 axis over which the dataset is sharded, each device runs both passes over its own shard; pass 1's
 per-mask states are merged across the axis (`SoftminStats.merge_across`: pmin, then psum of the rescaled
 totals), so every device normalises pass 2 with the global (min, total), and pass 2's per-device
@@ -64,10 +64,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pspc_jax import images, validation
+from pspc_jax import conventions, validation
 from pspc_jax.denoisers.empirical import default_chunk_size, empirical_denoise, logit_scale
 from pspc_jax.denoisers.masks import PixelMasks, SquareWindows, pixel_sq_dists, pixel_sq_dists_major
-from pspc_jax.reduce import (SoftminStats, exp_gap, exp_gap_finite, fold_chunks, mask_padding,
+from pspc_jax.softmin import (SoftminStats, exp_gap, exp_gap_finite, fold_chunks, mask_padding,
                              same_values, scan_chunks, shard_valid_rows)
 
 # Default memory budget of the pass-1 weights cache (bytes); `cache_bytes=0` disables it.
@@ -167,12 +167,12 @@ def composite_denoise(z: jax.Array, sigma, data: jax.Array, masks, *,
 
   Raises:
     ValueError: bad shapes, dtypes or concrete values of z, sigma or data
-      (`images.check_query_and_data`; a traced σ that is negative or not finite gives NaN),
+      (`conventions.check_query_and_data`; a traced σ that is negative or not finite gives NaN),
       chunk_size / cache_bytes that are not integers ≥ 1 / ≥ 0, or a data_major of another dataset
       shape or dtype.
   """
-  images.check_query_and_data(z, data)
-  sigma = images.sigma_per_sample(sigma, z.shape[0])
+  conventions.check_query_and_data(z, data)
+  sigma = conventions.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   cache_bytes = validation.positive_int(cache_bytes, "cache_bytes", minimum=0, optional=True)
   _check_major(data_major, data)
@@ -237,12 +237,12 @@ class _MajorKernel(NamedTuple):
     """(n, H, W, C) raw rows → (P·C·n,) float32 with the dataset axis minor. Flat, so that no choice
     of physical layout of the loop carry can turn the transpose into a mere relabelling (XLA would
     then move it into every consumer)."""
-    x = images.to_model_range(chunk).reshape(chunk.shape[0], self.pixels, -1)
+    x = conventions.to_model_range(chunk).reshape(chunk.shape[0], self.pixels, -1)
     return jnp.transpose(x, (1, 2, 0)).reshape(-1)
 
   def prepare_blocks(self, blocks):
     """(m, P·C, MAJOR_BLOCK_ROWS) rows of the pixel-major copy → `prepare`'s (P·C·n,) layout."""
-    x = images.to_model_range(jnp.transpose(blocks, (1, 0, 2)))
+    x = conventions.to_model_range(jnp.transpose(blocks, (1, 0, 2)))
     return x.reshape(-1)
 
   def full_chunks(self, data) -> int:
@@ -360,7 +360,7 @@ def _composite_denoise_generic(z, sigma, data, masks, *, chunk_size=None, axis_n
 
   def dists_and_images(chunk, offset):
     # The same code computes the distances in both passes; pass 2 relies on seeing pass 1's values.
-    x = images.to_model_range(chunk)
+    x = conventions.to_model_range(chunk)
     dists = mask_padding(masks.sums(pixel_sq_dists(z, x)), offset, local_valid, axis=1)
     return dists, x  # (B, n, *mask_shape)
 
@@ -503,8 +503,8 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
   Raises:
     ValueError: as `composite_denoise`, or a patch_size that is not an integer ≥ 1.
   """
-  images.check_query_and_data(z, data)
-  sigma = images.sigma_per_sample(sigma, z.shape[0])
+  conventions.check_query_and_data(z, data)
+  sigma = conventions.sigma_per_sample(sigma, z.shape[0])
   chunk_size = validation.positive_int(chunk_size, "chunk_size", optional=True)
   batch, height, width, channels = z.shape
   size = validation.positive_int(patch_size, "patch_size")
@@ -527,7 +527,7 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
 
   def dists_and_images(chunk):
     # The same code computes the distances in both passes; pass 2 relies on seeing pass 1's values.
-    x = images.to_model_range(chunk)
+    x = conventions.to_model_range(chunk)
     return windows.sums(pixel_sq_dists(z, x)), x  # (B, n, Kh, Kw)
 
   def normaliser_step(stats, chunk):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pspc_jax import images, schedules, validation
+from pspc_jax import conventions, schedules, validation
 from pspc_jax.denoisers.cfdm import DEFAULT_NUM_NOISE, DEFAULT_SMOOTHING, cfdm_denoise
 from pspc_jax.denoisers.els import els_denoise
 from pspc_jax.denoisers.empirical import empirical_denoise
@@ -295,7 +295,7 @@ class NetworkDenoiser:
 
     # σ checked (concrete) or made NaN where invalid (traced), as in the other denoisers.
     validation.check_finite(z, "z")
-    sigma = images.sigma_per_sample(sigma, jnp.shape(z)[0])
+    sigma = conventions.sigma_per_sample(sigma, jnp.shape(z)[0])
     return precond_apply(self.module, self.params, z, sigma, precond=self.precond)
 
 

@@ -22,7 +22,7 @@ from pspc_jax import attribution, plots, schedules
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import save_json, save_npz
-from pspc_jax.images import to_model_range, to_uint8
+from pspc_jax.conventions import to_model_range, to_uint8
 from pspc_jax.jobs.sample import StepPostfix, seed_batches
 from pspc_jax.progress import SILENT, Progress, compile_jitted
 from pspc_jax.sampling import sample

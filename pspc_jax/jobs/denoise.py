@@ -21,7 +21,7 @@ from pspc_jax import plots
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.values import apply_denoiser
 from pspc_jax.files import prepare_run_dir, save_npz
-from pspc_jax.images import to_model_range
+from pspc_jax.conventions import to_model_range
 from pspc_jax.jobs.sample import config_options
 from pspc_jax.progress import SILENT, Progress, compile_jitted
 from pspc_jax.sampling import latents_from_seeds

@@ -37,7 +37,7 @@ from pspc_jax.batching import padded_batches
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.files import prepare_run_dir, save_npz
-from pspc_jax.images import to_model_range, to_uint8
+from pspc_jax.conventions import to_model_range, to_uint8
 from pspc_jax.neighbours import nearest_neighbours
 from pspc_jax.progress import SILENT, Progress, compile_jitted
 from pspc_jax.release_files import check_samples_path, save_release_samples

@@ -1,4 +1,4 @@
-"""DiT, the diffusion transformer of Peebles & Xie (2023), in Flax linen (DESIGN §2 "Network", §6).
+"""DiT, the diffusion transformer of Peebles & Xie (2023), in Flax linen (docs/design.md §2 "Network", §6).
 
 The image is cut into p×p patches, each embedded by a strided convolution and offset by a fixed 2-D
 sin-cos position embedding. The conditioning vector c is the embedding of the noise label (plus a class

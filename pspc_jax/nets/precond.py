@@ -1,4 +1,4 @@
-"""Preconditioning around a raw network F (Karras et al. 2022, Table 1; DESIGN §2 "Network").
+"""Preconditioning around a raw network F (Karras et al. 2022, Table 1; docs/design.md §2 "Network").
 
 D(z, sigma) = c_skip(sigma) · z + c_out(sigma) · F(c_in(sigma) · z, c_noise(sigma)), with the
 coefficients of a preconditioning value of `pspc_jax.edm`: `EDMPrecond(sigma_data)` (EDM's own,

@@ -1,4 +1,4 @@
-"""Streaming reductions over a dataset held in memory, chunk by chunk (DESIGN §3).
+"""The streaming softmin over a dataset held in memory, chunk by chunk (docs/design.md §3).
 
 The denoisers never materialise anything of size N (the dataset size) beyond the dataset itself: they
 fold a step function over fixed-size chunks of the data with `lax.scan`, and the softmax normalisers are

@@ -1,4 +1,4 @@
-"""Array conventions shared by every module (DESIGN §1).
+"""Array conventions shared by every module (docs/design.md §1).
 
 Images are NHWC. Model-space images are float32 in [-1, 1]; datasets may be held as uint8 in [0, 255]
 and are converted chunk by chunk with :func:`to_model_range`, so a 100,000-image CIFAR-10 set costs
