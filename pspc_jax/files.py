@@ -100,3 +100,12 @@ def resume_per_sigma(sigmas: Sequence[float], part_path: Callable[[float], str],
     elif os.path.exists(part_path(sigma)):
       done[k] = read_part(part_path(sigma))
   return done
+
+
+def remove_parts(parts_dir: str, paths: Sequence[str]) -> None:
+  """Deletes a finished run's part files `paths` (those that exist), then `parts_dir` if it is empty."""
+  for path in paths:
+    if os.path.exists(path):
+      os.remove(path)
+  if os.path.isdir(parts_dir) and not os.listdir(parts_dir):
+    os.rmdir(parts_dir)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pspc_jax.denoisers.flex import SensitivityMaps
-from pspc_jax.files import resume_per_sigma, save_json, sigma_part_path
+from pspc_jax.files import remove_parts, resume_per_sigma, save_json, sigma_part_path
 from pspc_jax.maps_files import load_maps, load_maps_meta, save_maps
 from pspc_jax.progress import SILENT, Progress
 from pspc_jax.sensitivity import (DEFAULT_FRACTIONS, sensitivity_map_function,
@@ -75,15 +75,6 @@ def _compute_missing(map_at: Callable[[float], np.ndarray], sigmas: list[float],
       save_maps(part_path(parts_dir, sigma), SensitivityMaps(np.array([sigma]), done[k][None]),
                 config)
       bar.update()
-
-
-def _remove_parts(parts_dir: str, sigmas: list[float]) -> None:
-  for sigma in sigmas:
-    path = part_path(parts_dir, sigma)
-    if os.path.exists(path):
-      os.remove(path)
-  if os.path.isdir(parts_dir) and not os.listdir(parts_dir):
-    os.rmdir(parts_dir)
 
 
 def _write_figures(stem: str, maps: SensitivityMaps, pixels: Sequence[tuple[int, int]],
@@ -145,7 +136,7 @@ def sensitivity_run(denoise, data, sigmas: Sequence[float], *, out: str, config:
   result = SensitivityMaps(np.asarray(sigmas, np.float64),
                            np.stack([done[k] for k in range(len(sigmas))]))
   save_maps(out, result, {**config, "seconds": time.perf_counter() - start})
-  _remove_parts(parts_dir, sigmas)
+  remove_parts(parts_dir, [part_path(parts_dir, sigma) for sigma in sigmas])
   sides = _write_figures(stem, result, pixels, capture_pixel, fractions)
   return {"out": out, "heatmaps": stem + "_heatmaps.png" if pixels else None,
           "capture": stem + "_capture.png", "computed": len(sigmas) - reused, "reused": reused,

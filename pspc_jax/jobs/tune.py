@@ -32,7 +32,8 @@ import numpy as np
 
 from pspc_jax import schedules, tuning
 from pspc_jax.denoisers.values import apply_denoiser, as_argument
-from pspc_jax.files import atomic_write, resume_per_sigma, save_json, save_npz, sigma_part_path
+from pspc_jax.files import (atomic_write, remove_parts, resume_per_sigma, save_json, save_npz,
+                            sigma_part_path)
 from pspc_jax.progress import SILENT, Progress, compile_jitted
 from pspc_jax.sampling import latents_from_seeds
 from pspc_jax.sensitivity import maps_for_sigma
@@ -300,15 +301,6 @@ def _write_outputs(outdir: str, run: _Run, surfaces: dict[str, tuning.ErrorSurfa
   return paths
 
 
-def _remove_parts(parts_dir: str, sigmas: Sequence[float]) -> None:
-  for path in [part_path(parts_dir, sigma) for sigma in sigmas] + [
-      os.path.join(parts_dir, "reverse_z.npz")]:
-    if os.path.exists(path):
-      os.remove(path)
-  if os.path.isdir(parts_dir) and not os.listdir(parts_dir):
-    os.rmdir(parts_dir)
-
-
 def tune_run(data, reference: Callable, sigmas: Sequence[float], *, outdir: str, config: dict,
              patch_sizes: Sequence[int] | None = None, maps=None,
              thresholds: Sequence[float] = tuning.DEFAULT_THRESHOLDS, z_source: str = "forward",
@@ -369,7 +361,8 @@ def tune_run(data, reference: Callable, sigmas: Sequence[float], *, outdir: str,
   surfaces = _surfaces(run, done)
   tuned = {kind: surface.schedule(metric) for kind, surface in surfaces.items()}
   paths = _write_outputs(outdir, run, surfaces, tuned, metric, compare)
-  _remove_parts(run.parts_dir, sigmas)
+  remove_parts(run.parts_dir, [part_path(run.parts_dir, sigma) for sigma in sigmas]
+               + [os.path.join(run.parts_dir, "reverse_z.npz")])
   return {"surfaces": surfaces, "schedules": tuned, "paths": paths,
           "computed": len(sigmas) - reused, "reused": reused,
           "seconds": time.perf_counter() - start}
