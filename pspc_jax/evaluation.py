@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pspc_jax.batching import map_batched, pad_rows
-from pspc_jax.denoisers.pspc import patch_posterior_means
+from pspc_jax.denoisers.pspc import patch_posterior_means, window_posterior_means
 from pspc_jax.denoisers.values import as_argument
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.forward_process import forward_indices_and_noise
@@ -242,36 +242,72 @@ def pairwise_mse(outputs: Mapping[str, np.ndarray]) -> list[tuple[str, str, floa
   return [(a, b, mse(outputs[a], outputs[b])) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
-def extract_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
-  """Every s×s window of (B, H, W, C) images → (B, H−s+1, W−s+1, s, s, C) (the layout of
-  `patch_posterior_means`)."""
+def window_grid(height: int, width: int, patch_size: int, per_side: int | None
+                ) -> tuple[tuple[int, int], ...] | None:
+  """Corners (row, column) of an even grid of s×s windows: `per_side` rows and columns of corners
+  spread from the first to the last window (`np.linspace`, rounded; fewer where fewer windows fit).
+  None (or 0): None, meaning every window.
+
+  Raises:
+    ValueError: per_side negative.
+  """
+  if per_side is not None and per_side < 0:
+    raise ValueError(f"patch_positions must be ≥ 0 (0: every window), got {per_side}")
+  if not per_side:
+    return None
+  last_row, last_col = height - min(patch_size, height), width - min(patch_size, width)
+  rows = np.unique(np.round(np.linspace(0, last_row, min(per_side, last_row + 1))).astype(int))
+  cols = np.unique(np.round(np.linspace(0, last_col, min(per_side, last_col + 1))).astype(int))
+  return tuple((int(r), int(c)) for r in rows for c in cols)
+
+
+def extract_patches(images: np.ndarray, patch_size: int, positions=None) -> np.ndarray:
+  """The s×s windows of (B, H, W, C) images: every window → (B, H−s+1, W−s+1, s, s, C) (the layout of
+  `patch_posterior_means`), or those at `positions` (corners (row, column)) → (B, K, s, s, C) (the
+  layout of `window_posterior_means`)."""
   images = np.asarray(images)
   _, height, width, _ = images.shape
-  rows = np.arange(height - patch_size + 1)[:, None] + np.arange(patch_size)[None, :]
-  cols = np.arange(width - patch_size + 1)[:, None] + np.arange(patch_size)[None, :]
+  size_h, size_w = min(patch_size, height), min(patch_size, width)
+  if positions is not None:
+    return np.stack([images[:, i:i + size_h, j:j + size_w] for i, j in positions], axis=1)
+  rows = np.arange(height - size_h + 1)[:, None] + np.arange(size_h)[None, :]
+  cols = np.arange(width - size_w + 1)[:, None] + np.arange(size_w)[None, :]
   return images[:, rows[:, None, :, None], cols[None, :, None, :], :]
 
 
 class PatchMeans:
-  """`patch_posterior_means` of one patch size, compiled once for a fixed batch (last batch padded).
+  """The window posterior means of one patch size, compiled once for a fixed batch (last batch padded):
+  every window (`patch_posterior_means`) or those at `positions` (`window_posterior_means`, exact per
+  window and far cheaper on large images: the patch MSE is then the mean over those windows only).
 
   Compiled on construction (a "compiling patch means s=…" phase of `progress`); calls take any number
   of z of the training images' shape.
   """
 
-  def __init__(self, data, patch_size: int, batch_size: int, progress: Progress = SILENT):
-    """data: (N, H, W, C) training set; patch_size: s in [1, min(H, W)]; batch_size: z per call."""
+  def __init__(self, data, patch_size: int, batch_size: int, progress: Progress = SILENT,
+               positions=None):
+    """data: (N, H, W, C) training set; patch_size: s in [1, min(H, W)]; batch_size: z per call;
+    positions: None (every window) or window corners (`window_grid`)."""
     self.data, self.batch_size = jnp.asarray(data), int(batch_size)
-    fn = jax.jit(lambda z, sigma, data: patch_posterior_means(z, sigma, data, int(patch_size)))
+    self.patch_size, self.positions = int(patch_size), positions
+    if positions is None:
+      fn = jax.jit(lambda z, sigma, data: patch_posterior_means(z, sigma, data, self.patch_size))
+    else:
+      fn = jax.jit(lambda z, sigma, data: window_posterior_means(z, sigma, data, self.patch_size,
+                                                                 positions))
     z = jax.ShapeDtypeStruct((self.batch_size,) + tuple(self.data.shape[1:]), jnp.float32)
     sigma = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
     self._fn = compile_jitted(progress, f"patch means s={patch_size}", fn, z, sigma, self.data)
 
   def __call__(self, z: np.ndarray, sigma: float) -> np.ndarray:
-    """(B, H, W, C) z at one σ → (B, H−s+1, W−s+1, s, s, C) float32 NumPy window means."""
+    """(B, H, W, C) z at one σ → float32 NumPy window means, in the layout of `extract_patches`."""
     z = np.asarray(z, np.float32)
     sigmas = np.full((len(z),), sigma, np.float32)
     return map_batched(lambda zb, sb: self._fn(zb, sb, self.data), [z, sigmas], self.batch_size)
+
+  def patches(self, images: np.ndarray) -> np.ndarray:
+    """The same windows of (B, H, W, C) images (e.g. the target denoiser's output)."""
+    return extract_patches(images, self.patch_size, self.positions)
 
 
 def mse_lookup(rows: Sequence[Mapping], set_name: str, a: str, b: str) -> dict[float, float]:

@@ -16,7 +16,7 @@ import pytest
 from pspc_jax import evaluation as ev
 from pspc_jax import tuning
 from pspc_jax.denoisers.empirical import empirical_denoise
-from pspc_jax.denoisers.pspc import patch_posterior_means
+from pspc_jax.denoisers.pspc import patch_posterior_means, window_posterior_means
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.registry import make_denoiser
 from pspc_jax.edm import edm_sigmas
@@ -285,6 +285,52 @@ def test_patch_posterior_means_match_brute_force(size):
   np.testing.assert_allclose(np.asarray(patch_posterior_means(jnp.asarray(z), sigma, data, size)),
                              want, atol=2e-5)
   np.testing.assert_array_equal(ev.extract_patches(z, size)[1, 1, 0], z[1, 1:1 + size, 0:size])
+
+
+@pytest.mark.parametrize("size", [2, 3, 6])
+def test_window_posterior_means_match_brute_force(size):
+  data = _images(11, (6, 5, 2), seed=5)
+  rng = np.random.default_rng(6)
+  z = (to_float64(data[[1, 4]]) + rng.normal(size=(2, 6, 5, 2)) * 0.3).astype(np.float32)
+  sigma = np.asarray([0.08, 1.5], np.float32)
+  positions = ev.window_grid(6, 5, size, 2)
+  side_w = min(size, 5)
+  assert positions == tuple((r, c) for r in sorted({0, 6 - min(size, 6)})
+                           for c in sorted({0, 5 - side_w}))
+  got = window_posterior_means(jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(data), size, positions,
+                               chunk_size=3)
+  want = _patch_means_reference(z, sigma, data, size) if size <= 5 else None
+  assert got.shape == (2, len(positions), min(size, 6), side_w, 2)
+  for k, (i, j) in enumerate(positions):
+    if want is not None:
+      np.testing.assert_allclose(np.asarray(got[:, k]), want[:, i, j], atol=2e-5)
+  # Its windows of the target are cut by the same positions.
+  np.testing.assert_array_equal(ev.extract_patches(z, size, positions)[:, -1],
+                                z[:, positions[-1][0]:positions[-1][0] + min(size, 6),
+                                  positions[-1][1]:positions[-1][1] + side_w])
+  with pytest.raises(ValueError, match="positions"):
+    window_posterior_means(jnp.asarray(z), sigma, jnp.asarray(data), size, [(7, 0)])
+  with pytest.raises(ValueError, match="patch_positions"):
+    ev.window_grid(6, 5, size, -1)
+  assert ev.window_grid(6, 5, size, 0) is None
+
+
+def test_patch_analysis_on_a_window_grid_equals_those_windows_of_every_window(tmp_path):
+  images = _images(10, (6, 6, 1), seed=7)
+  common = dict(denoisers=["empirical"], sigmas=[0.7], sets=["forward"], count=3, batch_size=2,
+                patch_sizes=[3], plot=False)
+  every = evaluate_run(images, outdir=str(tmp_path / "every"), **common)["patch_mse"][0]
+  grid = evaluate_run(images, outdir=str(tmp_path / "grid"), patch_positions=2,
+                      **common)["patch_mse"][0]
+  assert (every["windows"], grid["windows"]) == (16, 4)
+  z = ev.forward_set(images, 3, 0).z(0.7)
+  means = patch_posterior_means(jnp.asarray(z), 0.7, jnp.asarray(images), 3)
+  target = empirical_denoise(jnp.asarray(z), 0.7, jnp.asarray(images))
+  corners = (0, 3)
+  want = np.mean([np.square(np.asarray(means[:, i, j], np.float64)
+                            - ev.extract_patches(np.asarray(target), 3)[:, i, j]).mean()
+                  for i in corners for j in corners])
+  np.testing.assert_allclose(grid["mse"], want, rtol=1e-4)
 
 
 def test_full_image_patch_is_the_optimal_denoiser():

@@ -62,6 +62,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pspc_jax import conventions, validation
@@ -545,3 +546,53 @@ def patch_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int,
 
   init = jnp.zeros((batch, kh, kw, size_h, size_w, channels), jnp.float32)
   return fold_chunks(mean_step, init, data, chunk_size)
+
+
+def window_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int, positions, *,
+                           chunk_size: int | None = None) -> jax.Array:
+  """The posterior mean (Eq. 10) of the s×s windows at `positions` only, each computed exactly.
+
+  The window at (i, j) is its own denoising problem: its posterior mean is the optimal empirical
+  denoiser (Eq. 6-7) of the cropped query z[:, i:i+s, j:j+s] over the cropped training set
+  x[:, i:i+s, j:j+s]. Each window costs one single-pass `empirical_denoise` of s²·C values per pair
+  (query, training image), so K windows cost about K·s²·C / (H·W·C) optimal-denoiser calls, where
+  `patch_posterior_means` (every window) costs (H−s+1)·(W−s+1)·s²·C / (H·W·C) of them. The windows
+  are processed one after the other (`lax.map`), so one cropped copy of the training set is alive at
+  a time.
+
+  Args:
+    z: (B, H, W, C) float32 noisy images.
+    sigma: scalar or (B,) noise levels (EDM σ).
+    data: (N, H, W, C) uint8 or float training images.
+    patch_size: s, a static int ≥ 1 (windows of min(s, H) × min(s, W), as `patch_posterior_means`).
+    positions: static sequence of K ≥ 1 (row, column) window corners, 0 ≤ row ≤ H − s_h and
+      0 ≤ column ≤ W − s_w (`window_grid` makes an even grid of them).
+    chunk_size: dataset rows per streamed chunk (as `empirical_denoise`).
+
+  Returns:
+    (B, K, s_h, s_w, C) float32: [b, k] is the posterior mean of the window at positions[k]; it
+    equals `patch_posterior_means(...)[b, i, j]` up to float32 rounding.
+
+  Raises:
+    ValueError: as `empirical_denoise`, a patch_size that is not an integer ≥ 1, or positions empty or
+      outside the image.
+  """
+  conventions.check_query_and_data(z, data)
+  _, height, width, channels = z.shape
+  windows = SquareWindows(height, width, validation.positive_int(patch_size, "patch_size"))
+  size_h, size_w = windows.window
+  corners = np.asarray(positions, np.int64).reshape(-1, 2) if len(positions) else np.zeros((0, 2))
+  if (len(corners) == 0 or corners.min() < 0 or corners[:, 0].max() > height - size_h
+      or corners[:, 1].max() > width - size_w):
+    raise ValueError(f"positions must be 1 or more window corners (row, column) with 0 ≤ row ≤ "
+                     f"{height - size_h} and 0 ≤ column ≤ {width - size_w}, got {list(positions)}")
+  z = z.astype(jnp.float32)
+
+  def one_window(corner):
+    z_crop = lax.dynamic_slice(z, (0, corner[0], corner[1], 0), (z.shape[0], size_h, size_w, channels))
+    x_crop = lax.dynamic_slice(data, (0, corner[0], corner[1], 0),
+                               (data.shape[0], size_h, size_w, channels))
+    return empirical_denoise(z_crop, sigma, x_crop, chunk_size=chunk_size)
+
+  means = lax.map(one_window, jnp.asarray(corners, jnp.int32))  # (K, B, s_h, s_w, C)
+  return jnp.moveaxis(means, 0, 1)
