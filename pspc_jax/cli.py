@@ -25,6 +25,7 @@ _FLAG_OPTIONS = {
     "pspc_square": ("patch_schedule",),
     "els": ("patch_schedule",),
     "pspc_flex": ("maps", "thresholds"),
+    "pspc_flex_gaussian": ("rank", "thresholds"),
     "cfdm": ("smoothing",),
     "gaussian": ("rank",),
     "network": ("checkpoint",),
@@ -82,15 +83,17 @@ def define_denoiser_flags(denoiser: str | None = None, help_prefix: str = "one o
                       "map σ (--heatmaps, the official release's flag name, is an alias)", **fv)
   flags.DEFINE_alias("heatmaps", "maps", flag_values=flag_values)
   flags.DEFINE_string("thresholds", DATASET_SCHEDULE,
-                      "pspc_flex: mass thresholds λ(σ) in (0, 1]: 'dataset' (with --dataset=digits "
-                      "and --maps=checkpoints/digits_ddpmpp_small_maps.npz the thresholds tuned for "
+                      "pspc_flex, pspc_flex_gaussian: mass thresholds λ(σ) in (0, 1]: 'dataset' "
+                      "(pspc_flex with --dataset=digits and "
+                      "--maps=checkpoints/digits_ddpmpp_small_maps.npz: the thresholds tuned for "
                       "them, checkpoints/digits_schedules/thresholds.json; else 'cifar10'), "
                       "'cifar10' (the paper's), a number, a comma list on the EDM grid, "
                       "'sigma:value' pairs or a JSON file", **fv)
   flags.DEFINE_float("smoothing", None,
                      f"cfdm: the paper's smoothing parameter σ (default {cfdm.DEFAULT_SMOOTHING:g}; "
                      "0 = the empirical denoiser)", **fv)
-  flags.DEFINE_integer("rank", None, "gaussian: keep the top-rank eigenpairs of the covariance", **fv)
+  flags.DEFINE_integer("rank", None, "gaussian, pspc_flex_gaussian: keep the top-rank eigenpairs of the "
+                       "covariance", **fv)
   flags.DEFINE_string("checkpoint", None, "network: a bin/train workdir or a checkpoint folder", **fv)
 
 

@@ -92,6 +92,36 @@ def save_nearest_neighbour_figure(path, samples: np.ndarray, neighbours: np.ndar
   _save(fig, path, "samples (top) and their nearest training images (bottom)")
 
 
+def save_pair_sheet(path, samples: np.ndarray, neighbours: np.ndarray,
+                    captions: Sequence[tuple[str, str]], highlight: Sequence[bool] = (),
+                    title: str = "", columns: int = 8) -> None:
+  """A sheet of pairs, each sample beside its nearest training image, `columns` pairs per row.
+
+  Args:
+    path: output PNG.
+    samples, neighbours: (B, H, W, C) [-1, 1] images; pair k: samples[k] (left), neighbours[k].
+    captions: B (above, below) texts per pair (e.g. the seed, and the distance).
+    highlight: B flags; a flagged pair's captions are red (e.g. memorised samples).
+    title: figure title.
+    columns: pairs per row.
+  """
+  count = len(samples)
+  columns = min(columns, count)
+  rows = math.ceil(count / columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(max(1.5 * columns, 7.5), 1.1 * rows + 0.7),
+                           squeeze=False)
+  gap = np.ones(samples.shape[1:2] + (max(1, samples.shape[2] // 16),) + samples.shape[3:])
+  for k, ax in enumerate(axes.flat):
+    if k >= count:
+      ax.axis("off")
+      continue
+    colour = "red" if k < len(highlight) and highlight[k] else "black"
+    _show(ax, np.concatenate([samples[k], gap, neighbours[k]], axis=1))
+    ax.set_title(captions[k][0], fontsize=6, color=colour, pad=2)
+    ax.set_xlabel(captions[k][1], fontsize=6, color=colour, labelpad=1)
+  _save(fig, path, title, title_size=8)
+
+
 def save_rows_figure(path, rows: Mapping[str, np.ndarray], title: str = "",
                      column_titles: Sequence[str] = ()) -> None:
   """One row of images per entry of `rows` ({name: (B, H, W, C) [-1, 1]}), names on the left, and

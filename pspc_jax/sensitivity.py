@@ -18,6 +18,10 @@ batch is padded, its padding weighted 0) and accumulated in float64 on the host.
 depends only on (seed, k) (`forward_process`), not on the batch size and not on σ: every σ uses the
 same x and ε (common random numbers), so maps vary smoothly with σ.
 
+The Gaussian denoiser's maps have a closed form (its Jacobian does not depend on z):
+`gaussian_sensitivity_maps` (defined in `pspc_jax.denoisers.gaussian_flex`, re-exported here) computes
+them exactly, with no expectation.
+
 Pure functions only: the maps files are read and written by `pspc_jax.maps_files`, and the resumable
 job behind `bin/sensitivity` is `pspc_jax.jobs.sensitivity`.
 """
@@ -32,6 +36,7 @@ import numpy as np
 
 from pspc_jax.batching import padded_batches
 from pspc_jax.denoisers.flex import SensitivityMaps
+from pspc_jax.denoisers.gaussian_flex import gaussian_sensitivity_maps  # noqa: F401 (re-export)
 from pspc_jax.denoisers.values import as_argument
 from pspc_jax.forward_process import forward_samples
 from pspc_jax.progress import SILENT, Progress, compile_jitted

@@ -100,7 +100,8 @@ def assert_derivatives_agree(denoise, data):
 def test_every_registry_denoiser_is_differentiable_in_z_and_sigma(digits, tmp_path, tiny_arch, name):
   data = digits[:48]
   options = {"pspc_square": {"patch_schedule": 3}, "els": {"patch_schedule": 3},
-             "cfdm": {"num_noise": 2}}.get(name, {})
+             "cfdm": {"num_noise": 2},
+             "pspc_flex_gaussian": {"sigmas": [SIGMA], "thresholds": 0.5}}.get(name, {})
   if name == "network":
     options = small_network(tmp_path / "net", data)
   assert_derivatives_agree(flex_denoiser(data) if name == "pspc_flex"

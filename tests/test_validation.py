@@ -23,7 +23,8 @@ CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 MAPS_FILE = os.path.join(CHECKPOINTS, "digits_ddpmpp_small_maps.npz")
 OPTIONS = {"pspc_flex": dict(maps=MAPS_FILE),
            "network": dict(checkpoint=os.path.join(CHECKPOINTS, "digits_ddpmpp_small")),
-           "els": dict(patch_schedule=3), "cfdm": dict(num_noise=2)}
+           "els": dict(patch_schedule=3), "cfdm": dict(num_noise=2),
+           "pspc_flex_gaussian": dict(sigmas=[0.5], thresholds=0.5)}
 BAD_SIGMAS = (-1.0, float("nan"), float("inf"), -float("inf"))
 
 

@@ -19,7 +19,8 @@ from pspc_jax import schedules, validation
 from pspc_jax.denoisers import values
 from pspc_jax.denoisers.flex import SensitivityMaps
 from pspc_jax.denoisers.gaussian import gaussian_stats
-from pspc_jax.edm import EDMPrecond, Preconditioning
+from pspc_jax.denoisers.gaussian_flex import cover_every_pixel, gaussian_sensitivity_maps
+from pspc_jax.edm import EDMPrecond, Preconditioning, edm_sigmas
 
 Denoiser = values.Denoiser
 _BUILDERS: dict[str, Callable[..., Denoiser]] = {}
@@ -117,6 +118,34 @@ def _pspc_flex(data, *, maps: SensitivityMaps | None = None,
 @register("gaussian")
 def _gaussian(data, *, rank: int | None = None) -> Denoiser:
   return values.GaussianDenoiser(gaussian_stats(data, rank=rank))
+
+
+@register("pspc_flex_gaussian")
+def _pspc_flex_gaussian(data, *, rank: int | None = None, sigmas=None,
+                        thresholds: schedules.SigmaSchedule | float | str = "cifar10",
+                        chunk_size: int | None = None, method: str = "auto") -> Denoiser:
+  """Ours, not in the paper: PSPC-Flex whose masks come from the Gaussian denoiser's exact
+  sensitivity maps (`gaussian_flex.gaussian_sensitivity_maps`) instead of a network's, so it needs no
+  trained network and no maps file. The Gaussian fit is `gaussian_stats(data, rank=rank)`; the maps are
+  computed at `sigmas` (default: the 18-step EDM grid without its final 0); `thresholds`, `chunk_size`
+  and `method` are those of `pspc_flex` (default λ: the paper's CIFAR-10 values, which were tuned for
+  network maps, not for these). Where those masks would leave a pixel in no mask (pixels of little or
+  no variance, e.g. the digits' blank borders, which the Gaussian ignores), its own map is raised at
+  itself so that its own mask holds it (`gaussian_flex.cover_every_pixel`); otherwise this is exactly
+  `pspc_flex` with these maps."""
+  stats = gaussian_stats(data, rank=rank)
+  sigmas = np.asarray(edm_sigmas(18))[:-1] if sigmas is None else sigmas
+  maps = gaussian_sensitivity_maps(stats, sigmas, tuple(data.shape[1:]))
+
+  def build(maps):
+    return values.make_flex_denoiser(data, maps.sigmas, maps.maps, thresholds,
+                                     chunk_size=chunk_size, method=method)
+  try:
+    return build(maps)
+  except ValueError as err:
+    if "covered by no mask" not in str(err):
+      raise
+  return build(cover_every_pixel(maps, thresholds)[0])
 
 
 @register("network")

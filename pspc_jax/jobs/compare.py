@@ -6,7 +6,9 @@ denoised; a finished denoiser is reloaded on a rerun of the same configuration),
 per denoiser, one column per seed), trajectory_<seed>.png (z, min–max scaled per image, and D(z) at
 several steps and the final sample, two rows per denoiser), similarity_<descriptor>.png (one matrix
 per descriptor, `evaluation.similarity_matrix`), similarity.json / similarity.csv (one row per pair of
-denoisers and descriptor) and memorisation.json / memorisation.csv (`evaluation.memorisation_stats`).
+denoisers and descriptor), memorisation.json / memorisation.csv (`evaluation.memorisation_stats`),
+nearest.json / nearest.csv (every sample's nearest training image: index, distance, ratio to the second
+nearest) and sheet_<denoiser>.png (every sample beside its nearest training image, with the distance).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Callable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from pspc_jax.conventions import to_model_range
 from pspc_jax.edm import edm_sigmas
-from pspc_jax.evaluation import (Denoiser, available_descriptors, memorisation_stats,
-                                 sample_with_trajectory, similarity_matrix)
+from pspc_jax.evaluation import (MEMORISATION_RATIO, Denoiser, available_descriptors,
+                                 memorisation_stats, sample_with_trajectory, similarity_matrix)
 from pspc_jax.files import prepare_run_dir, save_npz
 from pspc_jax.jobs.evaluate import registry_maker
 from pspc_jax.jobs.tables import write_table
@@ -29,6 +32,7 @@ from pspc_jax.progress import SILENT, Progress
 SIMILARITY_COLUMNS = ("descriptor", "denoiser_a", "denoiser_b", "similarity", "count")
 MEMORISATION_COLUMNS = ("denoiser", "mean_nn_distance", "median_nn_distance", "min_nn_distance",
                         "median_nn_ratio", "fraction_memorised", "count")
+NEAREST_COLUMNS = ("denoiser", "seed", "nn_index", "nn_distance", "nn_ratio")
 
 # (samples (B, H, W, C), trajectory z (N+1, B, H, W, C), trajectory denoised (N, B, H, W, C)).
 Trajectories = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -90,7 +94,7 @@ def compare_run(images: np.ndarray, *, denoisers: Sequence[str], seeds: Sequence
   samples = {name: results[name][0] for name in denoisers}
   _save_figures(outdir, results, seeds, grid, solver, figure_seeds, columns)
   similarity = _save_similarities(outdir, samples, data, descriptors, len(seeds))
-  memorisation = _save_memorisation(outdir, samples, data)
+  memorisation = _save_memorisation(outdir, samples, images, data, seeds)
   return {"similarity": similarity, "memorisation": memorisation,
           "seconds": time.perf_counter() - start}
 
@@ -158,14 +162,43 @@ def _save_similarities(outdir: str, samples: Mapping[str, np.ndarray], data,
   return similarity
 
 
-def _save_memorisation(outdir: str, samples: Mapping[str, np.ndarray], data) -> dict:
+def _save_memorisation(outdir: str, samples: Mapping[str, np.ndarray], images: np.ndarray, data,
+                       seeds: list[int]) -> dict:
   """{denoiser: memorisation summary} (`memorisation_stats` without the per-sample arrays), written
-  as memorisation.json / memorisation.csv."""
-  memorisation = {}
-  for name, images in samples.items():
-    stats = memorisation_stats(images, data)
-    memorisation[name] = {k: v for k, v in stats.items() if not isinstance(v, np.ndarray)}
+  as memorisation.json / memorisation.csv; the per-sample nearest training images (one search per
+  denoiser, shared by both) as nearest.json / nearest.csv and the sheets (`_save_sheets`)."""
+  stats = {name: memorisation_stats(batch, data) for name, batch in samples.items()}
+  memorisation = {name: {k: v for k, v in s.items() if not isinstance(v, np.ndarray)}
+                  for name, s in stats.items()}
   write_table(os.path.join(outdir, "memorisation"),
               [{"denoiser": name, **summary} for name, summary in memorisation.items()],
               MEMORISATION_COLUMNS)
+  write_table(os.path.join(outdir, "nearest"),
+              [{"denoiser": name, "seed": seed, "nn_index": int(s["nn_index"][k]),
+                "nn_distance": float(s["nn_distance"][k]), "nn_ratio": float(s["nn_ratio"][k])}
+               for name, s in stats.items() for k, seed in enumerate(seeds)],
+              NEAREST_COLUMNS)
+  _save_sheets(outdir, samples, stats, images, seeds)
   return memorisation
+
+
+def _save_sheets(outdir: str, samples: Mapping[str, np.ndarray], stats: Mapping[str, dict],
+                 images: np.ndarray, seeds: list[int]) -> None:
+  """sheet_<denoiser>.png: each sample beside its nearest training image (8 pairs per row), the seed
+  above and the L2 distance d (and the nearest / second-nearest ratio r) below, memorised samples
+  (r < `MEMORISATION_RATIO`) in red; the title gives the denoiser's memorisation summary."""
+  from pspc_jax import plots  # matplotlib only when plotting
+
+  for name, batch in samples.items():
+    s = stats[name]
+    neighbours = np.asarray(to_model_range(np.asarray(images)[s["nn_index"]]))
+    captions = [(f"seed {seed} · #{s['nn_index'][k]}",
+                 f"d {s['nn_distance'][k]:.2f} · r {s['nn_ratio'][k]:.2f}")
+                for k, seed in enumerate(seeds)]
+    plots.save_pair_sheet(
+        os.path.join(outdir, f"sheet_{name}.png"), batch, neighbours, captions,
+        highlight=s["nn_ratio"] < MEMORISATION_RATIO,
+        title=f"{name}: mean NN distance {s['mean_nn_distance']:.3f}, "
+              f"{s['fraction_memorised']:.0%} memorised (r < {MEMORISATION_RATIO:.2g}), "
+              f"{s['count']} samples\neach pair: sample (left), nearest training image #index "
+              "(right); d = L2 distance in [-1, 1] units, r = d / second-nearest distance")
