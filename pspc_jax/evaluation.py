@@ -310,6 +310,29 @@ class PatchMeans:
     return extract_patches(images, self.patch_size, self.positions)
 
 
+# Patch agreement (Fig. 4): a window's posterior mean "equals" the target's window when their MSE per
+# value is at most this ([-1, 1] units: an RMS difference of 0.032, about 4 of 255 grey levels).
+AGREEMENT_MSE = 1e-3
+
+
+def agreement_sigmas(patch_rows: Sequence[Mapping], tolerance: float = AGREEMENT_MSE
+                     ) -> dict[tuple[str, int], float | None]:
+  """{(set, patch size): the largest σ of the table at and below which every patch MSE is ≤
+  `tolerance`}, None where even the smallest σ exceeds it: how far up in σ the s×s windows' posterior
+  means agree with the target denoiser's windows (the paper's Fig. 4 claim)."""
+  out: dict[tuple[str, int], float | None] = {}
+  for key in dict.fromkeys((row["set"], row["patch_size"]) for row in patch_rows):
+    points = sorted((row["sigma"], row["mse"]) for row in patch_rows
+                    if (row["set"], row["patch_size"]) == key)
+    largest = None
+    for sigma, value in points:
+      if not value <= tolerance:
+        break
+      largest = sigma
+    out[key] = largest
+  return out
+
+
 def mse_lookup(rows: Sequence[Mapping], set_name: str, a: str, b: str) -> dict[float, float]:
   """{σ: mse} of the pair (a, b) (either order) on `set_name`, from table rows."""
   return {row["sigma"]: row["mse"] for row in rows if row["set"] == set_name

@@ -416,9 +416,7 @@ def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("n
         zeros += _mse_curve(ax, rows, set_name, (name, other), colour, f"{name} vs {other}",
                             floor * 10.0 ** (-0.3 * zeros))
       if zeros:
-        ax.axhline(floor, color="grey", linestyle=":", linewidth=0.8)
-        ax.plot([], [], "v", color="grey", markerfacecolor="none", markersize=4,
-                label=f"MSE exactly 0 (drawn at ≤ {floor:.0e})")
+        _zero_legend(ax, floor)
       _log_log_mse_axes(ax, "MSE (per pixel, [-1, 1] units)" if c == 0 else "",
                         f"{set_name} set: {panel}", 9)
       if ax.get_legend_handles_labels()[0]:
@@ -431,10 +429,17 @@ def save_mse_plot(path, rows: Sequence[Mapping], references: Sequence[str] = ("n
 
 def _mse_curve(ax, rows: Sequence[Mapping], set_name: str, pair: tuple[str, str], colour, label: str,
                floor: float) -> bool:
-  """Draws the MSE of `pair` on `set_name` by σ: positive values as a line, exact zeros as open
-  triangles at `floor`. Returns whether there were zeros."""
+  """Draws the MSE of `pair` on `set_name` by σ (`_curve_with_zeros`). Returns whether there were
+  zeros."""
   points = sorted((row["sigma"], row["mse"]) for row in rows if row["set"] == set_name
                   and {row["denoiser_a"], row["denoiser_b"]} == set(pair))
+  return _curve_with_zeros(ax, points, colour, label, floor)
+
+
+def _curve_with_zeros(ax, points: Sequence[tuple[float, float]], colour, label: str,
+                      floor: float) -> bool:
+  """Draws (σ, MSE) points: positive values as a line, exact zeros as open triangles at `floor`.
+  Returns whether there were zeros."""
   if not points:
     return False
   sigma, mse = (np.asarray(v, np.float64) for v in zip(*points))
@@ -447,31 +452,52 @@ def _mse_curve(ax, rows: Sequence[Mapping], set_name: str, pair: tuple[str, str]
   return bool(zero.any())
 
 
-def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "") -> None:
+def _zero_legend(ax, floor: float) -> None:
+  """The floor line and legend entry of exact-zero MSEs."""
+  ax.axhline(floor, color="grey", linestyle=":", linewidth=0.8)
+  ax.plot([], [], "v", color="grey", markerfacecolor="none", markersize=4,
+          label=f"MSE exactly 0 (drawn at ≤ {floor:.0e})")
+
+
+def save_patch_mse_plot(path, rows: Sequence[Mapping], title: str = "",
+                        tolerance: float | None = None) -> None:
   """Patch posterior mean MSE vs σ (log-log), one curve per patch size, one panel per set (Fig. 4).
+
+  Exact zeros are drawn as open triangles on a floor a decade under the smallest positive MSE, one
+  staggered row per patch size (as `save_mse_plot`); the panel title says over how many windows per z
+  the MSE averages.
 
   Args:
     path: output PNG.
-    rows: rows with keys sigma, set, patch_size, target, mse (`evaluate_run`'s patch_mse table).
+    rows: rows with keys sigma, set, patch_size, target, mse and optionally windows (`evaluate_run`'s
+      patch_mse table).
     title: figure title.
+    tolerance: if set, a dashed line at this MSE (the agreement threshold of
+      `evaluation.agreement_sigmas`).
   """
-  rows = list(rows)
+  rows = [row for row in rows if np.isfinite(row["mse"])]
   sets = _sets_in(rows) or ["forward"]
   sizes = sorted({row["patch_size"] for row in rows})
   cmap = plt.get_cmap("viridis")
-  fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 3.6), squeeze=False)
+  fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 3.8), squeeze=False)
   for ax, set_name in zip(axes[0], sets):
-    targets = sorted({row["target"] for row in rows if row["set"] == set_name})
+    in_set = [row for row in rows if row["set"] == set_name]
+    floor, zeros = _zero_floor(in_set), 0
     for k, size in enumerate(sizes):
-      points = sorted((row["sigma"], row["mse"]) for row in rows
-                      if row["set"] == set_name and row["patch_size"] == size and row["mse"] > 0)
-      if points:
-        s, m = zip(*points)
-        ax.plot(s, m, color=cmap(k / max(1, len(sizes) - 1)), marker="o", markersize=2.5,
-                linewidth=1.2, label=f"{size}×{size}")
-    _log_log_mse_axes(ax, "patch MSE",
-                      f"{set_name} set: patch posterior means vs {', '.join(targets)}", 8)
-    ax.legend(fontsize=6, title="patch", title_fontsize=6)
+      points = sorted((row["sigma"], row["mse"]) for row in in_set if row["patch_size"] == size)
+      zeros += _curve_with_zeros(ax, points, cmap(k / max(1, len(sizes) - 1)), f"{size}×{size}",
+                                 floor * 10.0 ** (-0.3 * zeros))
+    if zeros:
+      _zero_legend(ax, floor)
+    if tolerance is not None:
+      ax.axhline(tolerance, color="black", linestyle="--", linewidth=0.8)
+      ax.plot([], [], "--", color="black", linewidth=0.8, label=f"agreement: MSE ≤ {tolerance:g}")
+    targets = sorted({row["target"] for row in in_set})
+    windows = sorted({row["windows"] for row in in_set if "windows" in row})
+    per_z = (f"\n{windows[0]} windows per z" if len(windows) == 1 else "")
+    _log_log_mse_axes(ax, "patch MSE (per value, [-1, 1] units)",
+                      f"{set_name} set: patch posterior means vs {', '.join(targets)}{per_z}", 8)
+    ax.legend(fontsize=6, title="patch", title_fontsize=6, handlelength=3)
   _save(fig, path, title)
 
 

@@ -478,3 +478,11 @@ def test_bin_evaluate_end_to_end_on_digits(tmp_path):
   assert second.returncode == 0 and "nothing left to compute" in second.stderr
   bad = run_tool("evaluate", "--denoisers=empirical,nope", f"--outdir={tmp_path / 'bad'}")
   assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_agreement_sigmas_is_the_largest_sigma_below_which_every_patch_mse_is_small():
+  rows = [{"set": "forward", "patch_size": 3, "sigma": s, "mse": m}
+          for s, m in [(0.01, 0.0), (0.1, 1e-4), (1.0, 5e-3), (2.0, 1e-4)]]
+  rows += [{"set": "forward", "patch_size": 5, "sigma": s, "mse": m} for s, m in [(0.01, 2e-3)]]
+  assert ev.agreement_sigmas(rows) == {("forward", 3): 0.1, ("forward", 5): None}
+  assert ev.agreement_sigmas(rows, tolerance=1e-2)[("forward", 3)] == 2.0

@@ -40,8 +40,8 @@ from pspc_jax import multihost
 from pspc_jax.batching import map_batched
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.values import apply_denoiser, as_argument
-from pspc_jax.evaluation import (GIVEN, SETS, Denoiser, GivenSet, PatchMeans, default_sigmas,
-                                 forward_set, mse, mse_lookup, pairwise_mse,
+from pspc_jax.evaluation import (AGREEMENT_MSE, GIVEN, SETS, Denoiser, GivenSet, PatchMeans,
+                                 default_sigmas, forward_set, mse, mse_lookup, pairwise_mse,
                                  patch_target, reverse_set, window_grid)
 from pspc_jax.files import prepare_run_dir, save_json, save_npz
 from pspc_jax.jobs.tables import write_table
@@ -455,7 +455,8 @@ def _plot(outdir: str, state: dict, dataset_name: str) -> None:
   plots.save_mse_plot(os.path.join(outdir, "mse.png"), state["mse"],
                       title=f"{dataset_name}: denoiser MSE by σ" if dataset_name else "")
   if state["patch_mse"]:
-    plots.save_patch_mse_plot(os.path.join(outdir, "patch_mse.png"), state["patch_mse"])
+    plots.save_patch_mse_plot(os.path.join(outdir, "patch_mse.png"), state["patch_mse"],
+                              tolerance=AGREEMENT_MSE)
 
 
 def format_pivot(rows: Sequence[Mapping], set_name: str,
