@@ -86,8 +86,8 @@ def parse_sigmas(spec: str, steps: int = 18) -> np.ndarray:
   except (ValueError, IndexError) as err:
     raise ValueError(f"cannot parse --sigmas={spec!r} ({err}); use 'edm', 'edm:K', 'edm[i,j,...]' "
                      "(indices into the --steps grid) or a comma list of positive σ") from None
-  if sigmas.size == 0 or np.any(sigmas <= 0):
-    raise ValueError(f"--sigmas={spec!r}: need at least one σ, all positive")
+  if sigmas.size == 0 or not np.all(np.isfinite(sigmas) & (sigmas > 0)):
+    raise ValueError(f"--sigmas={spec!r}: need at least one σ, all positive and finite")
   return np.sort(np.unique(sigmas.astype(np.float32)))[::-1]
 
 

@@ -486,3 +486,15 @@ def test_agreement_sigmas_is_the_largest_sigma_below_which_every_patch_mse_is_sm
   rows += [{"set": "forward", "patch_size": 5, "sigma": s, "mse": m} for s, m in [(0.01, 2e-3)]]
   assert ev.agreement_sigmas(rows) == {("forward", 3): 0.1, ("forward", 5): None}
   assert ev.agreement_sigmas(rows, tolerance=1e-2)[("forward", 3)] == 2.0
+
+
+def test_evaluate_refuses_non_finite_sigmas_and_nothing_to_compare(tmp_path):
+  images = _images(6, (4, 4, 1))
+  with pytest.raises(ValueError, match="positive and finite"):
+    ev.parse_sigmas("1,nan")
+  with pytest.raises(ValueError, match="positive and finite"):
+    evaluate_run(images, denoisers=["empirical", "gaussian"], sigmas=[float("inf")], count=2,
+                 sets=["forward"], outdir=str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="nothing to compare"):
+    evaluate_run(images, denoisers=["empirical"], sigmas=[1.0], count=2, sets=["forward"],
+                 outdir=str(tmp_path / "b"))

@@ -142,7 +142,7 @@ def test_evaluating_given_forward_z_equals_the_forward_set(tmp_path):
 def test_given_set_arguments_are_checked(tmp_path):
   images = _digits()
   given = GivenSet(np.float32([1.0]), np.zeros((1, 2, 8, 8, 1), np.float32), "z.npz")
-  common = dict(denoisers=["empirical"], count=2, plot=False, outdir=str(tmp_path / "out"))
+  common = dict(denoisers=["empirical", "gaussian"], count=2, plot=False, outdir=str(tmp_path / "out"))
   with pytest.raises(ValueError, match="the set 'given' needs z from a file"):
     evaluate_run(images, sets=["given"], **common)
   with pytest.raises(ValueError, match=r"z are given \(z.npz\) but the set 'given' is not in --sets"):

@@ -581,7 +581,10 @@ def window_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int
   _, height, width, channels = z.shape
   windows = SquareWindows(height, width, validation.positive_int(patch_size, "patch_size"))
   size_h, size_w = windows.window
-  corners = np.asarray(positions, np.int64).reshape(-1, 2) if len(positions) else np.zeros((0, 2))
+  corners = np.asarray(positions) if positions is not None else np.zeros((0, 2))
+  if corners.dtype.kind not in "iu" or corners.ndim != 2 or corners.shape[1] != 2:
+    raise ValueError(f"positions must be a sequence of integer (row, column) window corners, got "
+                     f"{positions!r}")
   if (len(corners) == 0 or corners.min() < 0 or corners[:, 0].max() > height - size_h
       or corners[:, 1].max() > width - size_w):
     raise ValueError(f"positions must be 1 or more window corners (row, column) with 0 ≤ row ≤ "

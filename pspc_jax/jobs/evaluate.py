@@ -167,11 +167,14 @@ def _plan(images: np.ndarray, denoisers, sigmas, sets, patch_sizes, patch_positi
   given_sigmas = sigmas
   sigmas = [float(s) for s in (default_sigmas(steps) if sigmas is None else
                                np.sort(np.asarray(sigmas, np.float32))[::-1])]
-  if not sigmas or min(sigmas) <= 0:
-    raise ValueError("need at least one σ, all positive")
+  if not sigmas or not all(np.isfinite(s) and s > 0 for s in sigmas):
+    raise ValueError(f"need at least one σ, all positive and finite, got {sigmas}")
   if count < 1 or batch_size < 1:
     raise ValueError("--count and --batch must be at least 1")
   given = _given_set(images, sets, given, given_sigmas, count)
+  if len(denoisers) < 2 and not patch_sizes:
+    raise ValueError(f"nothing to compare: give at least two denoisers or --patch_sizes, got "
+                     f"{denoisers}")
   # No compiled batch larger than a whole set.
   return _Plan(denoisers, sigmas, list(sets), patch_sizes, patch_positions or None, count, seed,
                min(batch_size, count), reference, steps, solver, given)
