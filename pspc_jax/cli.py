@@ -273,12 +273,17 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 
 
 def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """`main` with bad input (ValueError, OSError) reported by `fail` instead of a traceback."""
+  """`main` with bad input (ValueError, OSError) reported by `fail` instead of a traceback, and an
+  interruption (Ctrl-C) by one line and exit status 130 (the resumable tools pick up where they were:
+  their files are written atomically and in finished units)."""
   def run_main(argv):
     try:
       main(argv)
     except (ValueError, OSError) as err:
       fail(str(err) or type(err).__name__)
+    except KeyboardInterrupt:
+      print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+      sys.exit(130)
   return run_main
 
 

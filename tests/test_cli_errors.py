@@ -242,3 +242,13 @@ def test_convert_script_without_torch_prints_one_line(tmp_path):
                     cwd=tmp_path)
   assert_one_line_error(result.returncode, result.stderr.strip().splitlines(), "needs torch")
 
+
+
+def test_an_interrupted_tool_says_so_in_one_line_and_exits_130():
+  def interrupted(argv):
+    raise KeyboardInterrupt
+
+  with contextlib.redirect_stderr(_Capture()) as err, pytest.raises(SystemExit) as done:
+    cli.guarded(interrupted)(["tool"])
+  assert done.value.code == 130
+  assert err.lines() == ["interrupted; rerun the same command to resume"]

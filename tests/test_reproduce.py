@@ -138,6 +138,9 @@ def test_bad_plans_are_refused_before_any_work(digits, tmp_path):
   with pytest.raises(ValueError, match="shape"):
     reproduce.reproduce_run(np.zeros((4, 4, 4, 1), np.uint8), outdir=out, **OPTIONS)
   assert not os.path.exists(out)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="is not a folder"):
+    reproduce.reproduce_run(digits, outdir=str(tmp_path / "file"), **OPTIONS)
 
 
 def test_counts_scale_the_work_not_the_grids():

@@ -408,6 +408,8 @@ def _checked_run(images: np.ndarray, checkpoint: str, outdir: str, dataset_name:
   if maps is not None and load_maps(maps).maps.shape[1:] != images.shape[1:3] * 2:
     raise ValueError(f"the maps of {maps} are for images of {load_maps(maps).maps.shape[1:3]}, the "
                      f"dataset's are {images.shape[1:3]}")
+  if os.path.exists(outdir) and not os.path.isdir(outdir):
+    raise ValueError(f"outdir {outdir} exists and is not a folder")
   thresholds = tuple(sorted({float(v) for v in thresholds}))
   if not thresholds or not all(0 < v <= 1 for v in thresholds):
     raise ValueError(f"thresholds must lie in (0, 1], got {list(thresholds)}")

@@ -137,7 +137,8 @@ def _stages_section(record: Mapping) -> str:
 
 
 def _not_finished(title: str, stage: str) -> str:
-  return f"## {title}\n\nStage `{stage}` has not finished (run `bin/reproduce --stages={stage}`).\n"
+  return (f"## {title}\n\nStage `{stage}` has not finished (rerun the same `bin/reproduce` command, "
+          f"or add `--stages={stage}` to it).\n")
 
 
 def _optimal_gap(folder: _Folder) -> str:
