@@ -5,24 +5,21 @@ denoisers) covers every stage, its outputs, the report's links, an interrupted s
 refused change of settings; the other cases need no compilation.
 """
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
-import runpy
 
 import numpy as np
 import pytest
-from absl import flags
 
-from pspc_jax import cli, paper_values
+from pspc_jax import paper_values
 from pspc_jax.data import load_dataset
 from pspc_jax.edm import edm_sigmas
 from pspc_jax.jobs import reproduce
 from pspc_jax.jobs.reproduce_report import ONLY_FIGURE
 from pspc_jax.maps_files import load_maps
+from test_cli_errors import run_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(REPO, "checkpoints", "digits_ddpmpp_small")
@@ -167,18 +164,6 @@ def test_every_paper_value_says_where_it_is_stated():
   assert all(re.search(r"(§|Fig\.|Table|App\.)", v.source) for v in reported)
 
 
-@contextlib.contextmanager
-def _tool():
-  before = set(flags.FLAGS)
-  namespace = runpy.run_path(os.path.join(REPO, "bin", "reproduce"), run_name="bin_reproduce")
-  try:
-    yield namespace["main"]
-  finally:
-    for name in set(flags.FLAGS) - before:
-      delattr(flags.FLAGS, name)
-    flags.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize("args, message", [
     ([], "checkpoint"),
     ([f"--checkpoint={CHECKPOINT}", "--stages=sensitivity,fig9"], "unknown stage fig9"),
@@ -186,12 +171,7 @@ def _tool():
     ([f"--checkpoint={CHECKPOINT}", "--patch_sizes=3,x"], "--patch_sizes"),
 ])
 def test_bad_command_lines_are_one_line_and_status_2(args, message, tmp_path):
-  err = io.StringIO()
-  with _tool() as main, contextlib.redirect_stderr(err):
-    with pytest.raises(SystemExit) as done:
-      argv = cli.parse_flags(["reproduce", f"--outdir={tmp_path}/out", *args])
-      cli.guarded(main)(argv)
-  lines = err.getvalue().strip().splitlines()
-  assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:")
+  status, lines = run_in_process("reproduce", f"--outdir={tmp_path}/out", *args)
+  assert status == 2 and len(lines) == 1 and lines[0].startswith("error:")
   assert message in lines[0]
   assert not os.path.exists(tmp_path / "out")
