@@ -175,3 +175,11 @@ def test_bad_command_lines_are_one_line_and_status_2(args, message, tmp_path):
   assert status == 2 and len(lines) == 1 and lines[0].startswith("error:")
   assert message in lines[0]
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_ties_within_float32_noise_are_reported_as_ties():
+  from pspc_jax.jobs import reproduce_report as report
+  per = {"a": {1.0: 0.008716}, "b": {1.0: 0.008716 * (1 + 1e-5)}, "c": {1.0: 0.0095}}
+  assert report._closest(per, ["a", "b", "c"], 1.0) == "a = b"
+  assert report._wins({1.0: 1.0, 2.0: 1.0}, {1.0: 1.0 + 1e-6, 2.0: 2.0}) == \
+      "lower at 1, equal at 1, higher at 0 of 2 σ"

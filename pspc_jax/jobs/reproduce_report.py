@@ -222,12 +222,22 @@ def _tuned(folder: _Folder, settings: Mapping) -> str:
           f"{agree} of {len(rows)} σ.\n")
 
 
+# Two MSEs within this relative difference are reported as equal ("closest" lists every such name):
+# differences of float32 rounding, far below what the sampled z can resolve.
+TIE_RTOL = 1e-3
+
+
+def _tied(a: float, b: float) -> bool:
+  return abs(a - b) <= TIE_RTOL * max(abs(a), abs(b))
+
+
 def _wins(ours: Mapping[float, float], theirs: Mapping[float, float],
           keep: Callable[[float], bool] = lambda s: True) -> str:
-  """'lower at a, equal at b, higher at c of n σ' for `ours` against `theirs` on the σ kept."""
+  """'lower at a, equal at b, higher at c of n σ' for `ours` against `theirs` on the σ kept (equal:
+  within `TIE_RTOL`)."""
   common = [s for s in ours if s in theirs and keep(s)]
-  lower = sum(ours[s] < theirs[s] for s in common)
-  equal = sum(ours[s] == theirs[s] for s in common)
+  equal = sum(_tied(ours[s], theirs[s]) for s in common)
+  lower = sum(ours[s] < theirs[s] and not _tied(ours[s], theirs[s]) for s in common)
   higher = len(common) - lower - equal
   return f"lower at {lower}, equal at {equal}, higher at {higher} of {len(common)} σ"
 
@@ -252,6 +262,15 @@ def _claims(rows, set_name: str, names: Sequence[str]) -> list[tuple]:
   return claims
 
 
+def _closest(per: Mapping[str, Mapping[float, float]], names: Sequence[str], sigma: float) -> str:
+  """The name of least MSE at σ, or every name tied with it (`TIE_RTOL`) joined by " = "."""
+  best = min(per[n].get(sigma, math.inf) for n in names)
+  if not math.isfinite(best):
+    return "—"
+  return " = ".join(n for n in names if math.isfinite(per[n].get(sigma, math.inf))
+                    and _tied(per[n][sigma], best))
+
+
 def _denoisers(folder: _Folder, settings: Mapping) -> str:
   rows = folder.json("mse.json")
   names = [n for n in settings["denoisers"] if n != "network"]
@@ -260,8 +279,7 @@ def _denoisers(folder: _Folder, settings: Mapping) -> str:
   for set_name in ("forward", "reverse"):
     per = {n: _pair_mse(rows, set_name, "network", n) for n in names}
     sigmas = sorted({s for v in per.values() for s in v}, reverse=True)
-    table = [(s, *[per[n].get(s) for n in names],
-              min(names, key=lambda n: per[n].get(s, math.inf))) for s in sigmas]
+    table = [(s, *[per[n].get(s) for n in names], _closest(per, names, s)) for s in sigmas]
     text += (f"\n### {set_name} set: MSE to the network\n\nPaper: {ONLY_FIGURE} (Fig. 7).\n\n"
              + _table(("σ", *names, "closest"), table) + "\n\n"
              + _table(("claim (paper)", "ours", "where"), _claims(rows, set_name, settings["denoisers"]))
