@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pspc_jax import validation
 from pspc_jax.batching import map_batched, pad_rows
 from pspc_jax.denoisers.pspc import patch_posterior_means, window_posterior_means
 from pspc_jax.denoisers.values import as_argument
@@ -249,10 +250,9 @@ def window_grid(height: int, width: int, patch_size: int, per_side: int | None
   None (or 0): None, meaning every window.
 
   Raises:
-    ValueError: per_side negative.
+    ValueError naming patch_positions: per_side not an integer ≥ 0.
   """
-  if per_side is not None and per_side < 0:
-    raise ValueError(f"patch_positions must be ≥ 0 (0: every window), got {per_side}")
+  per_side = validation.positive_int(per_side, "patch_positions", minimum=0, optional=True)
   if not per_side:
     return None
   last_row, last_col = height - min(patch_size, height), width - min(patch_size, width)
@@ -304,6 +304,14 @@ class PatchMeans:
     z = np.asarray(z, np.float32)
     sigmas = np.full((len(z),), sigma, np.float32)
     return map_batched(lambda zb, sb: self._fn(zb, sb, self.data), [z, sigmas], self.batch_size)
+
+  @property
+  def windows(self) -> int:
+    """Windows per z: len(positions), or every window, (H − s_h + 1)·(W − s_w + 1)."""
+    if self.positions is not None:
+      return len(self.positions)
+    height, width = self.data.shape[1:3]
+    return (height - min(self.patch_size, height) + 1) * (width - min(self.patch_size, width) + 1)
 
   def patches(self, images: np.ndarray) -> np.ndarray:
     """The same windows of (B, H, W, C) images (e.g. the target denoiser's output)."""

@@ -310,8 +310,9 @@ def test_window_posterior_means_match_brute_force(size):
                                   positions[-1][1]:positions[-1][1] + side_w])
   with pytest.raises(ValueError, match="positions"):
     window_posterior_means(jnp.asarray(z), sigma, jnp.asarray(data), size, [(7, 0)])
-  with pytest.raises(ValueError, match="patch_positions"):
-    ev.window_grid(6, 5, size, -1)
+  for bad in (-1, 2.5, True):
+    with pytest.raises(ValueError, match="patch_positions"):
+      ev.window_grid(6, 5, size, bad)
   assert ev.window_grid(6, 5, size, 0) is None
 
 

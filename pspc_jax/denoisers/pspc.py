@@ -581,7 +581,7 @@ def window_posterior_means(z: jax.Array, sigma, data: jax.Array, patch_size: int
   _, height, width, channels = z.shape
   windows = SquareWindows(height, width, validation.positive_int(patch_size, "patch_size"))
   size_h, size_w = windows.window
-  corners = np.asarray(positions) if positions is not None else np.zeros((0, 2))
+  corners = np.asarray(positions)
   if corners.dtype.kind not in "iu" or corners.ndim != 2 or corners.shape[1] != 2:
     raise ValueError(f"positions must be a sequence of integer (row, column) window corners, got "
                      f"{positions!r}")

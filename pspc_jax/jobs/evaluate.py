@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pspc_jax import multihost
+from pspc_jax import multihost, validation
 from pspc_jax.batching import map_batched
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.values import apply_denoiser, as_argument
@@ -158,7 +158,8 @@ def _plan(images: np.ndarray, denoisers, sigmas, sets, patch_sizes, patch_positi
   side = min(images.shape[1], images.shape[2])
   if patch_sizes and not 1 <= patch_sizes[0] <= patch_sizes[-1] <= side:
     raise ValueError(f"patch sizes must lie in [1, {side}], got {patch_sizes}")
-  window_grid(side, side, 1, patch_positions)  # checks patch_positions
+  patch_positions = validation.positive_int(patch_positions, "patch_positions", minimum=0,
+                                           optional=True)
   for name in sets if patch_sizes else ():
     target = patch_target(name, reference)
     if target not in denoisers:
@@ -429,10 +430,9 @@ def _evaluate_unit(z: np.ndarray, sigma: float, set_name: str, reference: str,
   for size, means_fn in patch_fns.items():
     bar.set_postfix_str(f"σ={sigma:.4g} {set_name} patch means s={size}")
     means = means_fn(z, sigma)
-    windows = means.shape[1] if means_fn.positions is not None else means.shape[1] * means.shape[2]
     patch_rows.append({"sigma": sigma, "set": set_name, "patch_size": size, "target": target,
                        "mse": mse(means, means_fn.patches(outputs[target])), "count": len(z),
-                       "windows": windows})
+                       "windows": means_fn.windows})
     bar.update()
   return rows, patch_rows
 

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pspc_jax import checkpoints, paper_values, plots, schedules, tuning
+from pspc_jax import checkpoints, paper_values, plots, schedules, tuning, validation
 from pspc_jax.denoiser_options import build_denoiser
 from pspc_jax.denoisers.registry import available_denoisers
-from pspc_jax.evaluation import default_sigmas, window_grid
+from pspc_jax.evaluation import default_sigmas
 from pspc_jax.files import save_json, save_npz
 from pspc_jax.jobs.compare import compare_run
 from pspc_jax.jobs.evaluate import BatchedDenoiser, evaluate_run, registry_maker
@@ -404,7 +404,8 @@ def _checked_run(images: np.ndarray, checkpoint: str, outdir: str, dataset_name:
   sizes = tuning.candidate_patch_sizes(side) if patch_sizes is None else tuple(map(int, patch_sizes))
   if not sizes or not all(1 <= s <= side for s in sizes):
     raise ValueError(f"patch sizes must lie in [1, {side}], got {list(sizes)}")
-  window_grid(side, side, 1, patch_positions)  # checks patch_positions
+  patch_positions = validation.positive_int(patch_positions, "patch_positions", minimum=0,
+                                           optional=True)
   if maps is not None and load_maps(maps).maps.shape[1:] != images.shape[1:3] * 2:
     raise ValueError(f"the maps of {maps} are for images of {load_maps(maps).maps.shape[1:3]}, the "
                      f"dataset's are {images.shape[1:3]}")
@@ -419,8 +420,8 @@ def _checked_run(images: np.ndarray, checkpoint: str, outdir: str, dataset_name:
                      f"{solver!r} ({'/'.join(SOLVERS)}), batch size {batch_size} or sensitivity "
                      f"chunk {sensitivity_chunk}")
   return _Run(images, dataset_name, os.path.abspath(checkpoint), os.path.abspath(outdir), counts,
-              denoisers, tuple(sorted(set(sizes))), patch_positions or None, thresholds, tune_z_source, solver, int(batch_size),
-              int(seed), sensitivity_chunk, None if maps is None else os.path.abspath(maps), progress)
+              denoisers, tuple(sorted(set(sizes))), patch_positions or None, thresholds,
+              tune_z_source, solver, int(batch_size), int(seed), sensitivity_chunk, None if maps is None else os.path.abspath(maps), progress)
 
 
 def select_stages(stages: Sequence[str] | None) -> list[Stage]:
