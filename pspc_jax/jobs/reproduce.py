@@ -312,6 +312,7 @@ STAGES = (
                        "solver": run.solver}, _samples),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+_STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,9 +439,22 @@ def select_stages(stages: Sequence[str] | None) -> list[Stage]:
 def stage_settings(run: _Run, stage: Stage) -> dict:
   """What a stage's results depend on: the network and data, its own settings and, recursively, those
   of the stages whose outputs it reads."""
-  by_name = {s.name: s for s in STAGES}
   return {**run.identity, **stage.settings(run),
-          "needs": {need: stage_settings(run, by_name[need]) for need in stage.needs}}
+          "needs": {need: stage_settings(run, _STAGES_BY_NAME[need]) for need in stage.needs}}
+
+
+def _load_marker(run: _Run, stage: Stage) -> dict | None:
+  """The stage's marker file, or None when the stage has not finished."""
+  path = os.path.join(run.folder(stage.name), MARKER)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _has_current_settings(run: _Run, stage: Stage, marker: dict) -> bool:
+  """Whether `marker` records this run's settings of `stage` (compared as JSON, as stored)."""
+  return marker.get("settings") == json.loads(json.dumps(stage_settings(run, stage)))
 
 
 def _read_marker(run: _Run, stage: Stage) -> dict | None:
@@ -449,12 +463,10 @@ def _read_marker(run: _Run, stage: Stage) -> dict | None:
   Raises:
     ValueError: the stage finished with other settings.
   """
-  path = os.path.join(run.folder(stage.name), MARKER)
-  if not os.path.exists(path):
+  marker = _load_marker(run, stage)
+  if marker is None:
     return None
-  with open(path) as f:
-    marker = json.load(f)
-  if marker.get("settings") != json.loads(json.dumps(stage_settings(run, stage))):
+  if not _has_current_settings(run, stage, marker):
     raise ValueError(f"{run.folder(stage.name)} holds stage {stage.name} run with other settings "
                      "(network, data, counts or an earlier stage's); delete that folder to redo it, "
                      "or choose another output folder")
@@ -464,10 +476,9 @@ def _read_marker(run: _Run, stage: Stage) -> dict | None:
 def _check_needs(run: _Run, selected: list[Stage]) -> None:
   """Every stage to run finds what it reads: a finished stage, or one that runs before it."""
   names = [stage.name for stage in selected]
-  by_name = {s.name: s for s in STAGES}
   for stage in selected:
     for need in stage.needs:
-      if need not in names and _read_marker(run, by_name[need]) is None:
+      if need not in names and _read_marker(run, _STAGES_BY_NAME[need]) is None:
         raise ValueError(f"stage {stage.name} needs the output of stage {need}, which has not run in "
                          f"{run.outdir}; run it first (or together)")
 
@@ -494,13 +505,8 @@ def _write_stages(run: _Run, status: dict[str, str]) -> dict:
   run that finished it (from its marker). Returns the written dict."""
   stages = {}
   for stage in STAGES:
-    path = os.path.join(run.folder(stage.name), MARKER)
-    marker = None
-    if os.path.exists(path):
-      with open(path) as f:
-        marker = json.load(f)
-    current = marker is not None and marker.get("settings") == json.loads(
-        json.dumps(stage_settings(run, stage)))
+    marker = _load_marker(run, stage)
+    current = marker is not None and _has_current_settings(run, stage, marker)
     stages[stage.name] = {"figure": stage.figure, "status": status.get(stage.name, "not selected"),
                           "finished": marker is not None, "current_settings": current,
                           **(marker["measured"] if marker else {})}
